@@ -1,0 +1,3 @@
+"""gate-agent: the turnstile gate controller daemon."""
+
+__version__ = "0.1.0"

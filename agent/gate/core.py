@@ -578,3 +578,13 @@ def _on_emergency_sensors(state: LaneState, sensors: Sensors, actions: list[Acti
     if completed is not None:
         actions.append(Report(Kind.FREE_PASSAGE, direction=completed, reason=Mode.EMERGENCY.value))
     return replace(state, sensors=sensors, track=track)
+
+
+def shutdown_outputs(state: LaneState, timing: Timing) -> Outputs:
+    """What to leave a lane in when the daemon stops: open in an emergency, else the
+    site's fail state, but never closed on someone still in the lane."""
+    if state.emergency or timing.fail_state == "open":
+        return OPEN
+    if state.sensors.occupied and state.outputs.is_open:
+        return state.outputs
+    return CLOSED

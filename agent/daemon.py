@@ -1,0 +1,311 @@
+"""The gate daemon: wires buses, lanes, the safety monitor, the event store and the socket.
+
+Task layout on one asyncio loop:
+- one bus owner per field bus (polls inputs, writes coils and heartbeats);
+- the safety monitor (emergency/fire inputs, obstruction, link loss) fed by the buses;
+- one runner per lane (timers), plus the control socket and the systemd notifier.
+Safety never waits on anything else: the monitor steps lanes synchronously and the bus
+owners write the resulting coils at once; events go to a writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import ModbusTcpBusConfig, Site
+from agent.control import ControlServer, Peer
+from agent.gate.core import Direction, HoldOpen, Lockout, shutdown_outputs
+from agent.gate.monitor import SafetyMonitor
+from agent.lane import LaneRunner
+from agent.notify import Notifier, watchdog_interval
+from drivers.base import BoardSnapshot
+from drivers.modbus import BoardSpec, BusSettings, ModbusBus, RtuLink, TcpLink
+from offline_cache.events import EventStore
+
+log = logging.getLogger(__name__)
+
+ALIVE_WITHIN_S = 1.0
+
+
+def _board_specs(site: Site) -> dict[str, list[BoardSpec]]:
+    """Per bus: the boards on it with the address blocks their lanes and inputs use."""
+    by_bus: dict[str, list[BoardSpec]] = {}
+    lane_cfg = {lane.id: lane for lane in site.config.lanes}
+    for board in site.config.boards:
+        preset = site.presets[board.name]
+        lanes = [io for lid, io in site.lane_io.items() if io.board == board.name]
+        coils = [a for io in lanes for a in io.coils] or [0]
+        inputs = [p.address for io in lanes for p in io.inputs]
+        inputs += [p.address for _, p in site.safety_points.get(board.name, [])]
+        inputs = inputs or [0]
+        mask = 0
+        for lid, io in site.lane_io.items():
+            if io.board == board.name and lane_cfg[lid].fail_state == "open":
+                mask |= 1 << (lane_cfg[lid].channel - 1)
+        regs = preset.registers
+        by_bus.setdefault(board.bus, []).append(
+            BoardSpec(
+                name=board.name,
+                unit_id=board.unit_id,
+                inputs=(min(inputs), max(inputs) - min(inputs) + 1),
+                coils=(min(coils), max(coils) - min(coils) + 1),
+                heartbeat_register=regs.heartbeat,
+                watchdog_ms_register=regs.watchdog_ms,
+                watchdog_ms=board.watchdog_ms,
+                fail_open_mask_register=regs.fail_open_mask,
+                fail_open_mask=mask,
+            )
+        )
+    return by_bus
+
+
+class Daemon:
+    def __init__(
+        self,
+        site: Site,
+        *,
+        state_dir: Path | None = None,
+        control_socket: Path | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        cfg = site.config
+        self.site = site
+        self.state_dir = state_dir or cfg.daemon.state_dir
+        self.socket_path = control_socket or cfg.daemon.control_socket
+        self.notifier = notifier or Notifier()
+        self.store = EventStore(self.state_dir / "events.db")
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+
+        def to_monitor(snap: BoardSnapshot) -> None:
+            self.monitor.submit(snap)
+
+        specs = _board_specs(site)
+        self.buses: list[ModbusBus] = []
+        handles = {}
+        for bus_cfg in cfg.buses:
+            link: TcpLink | RtuLink
+            if isinstance(bus_cfg, ModbusTcpBusConfig):
+                link = TcpLink(bus_cfg.host, bus_cfg.port)
+            else:
+                link = RtuLink(
+                    bus_cfg.port,
+                    bus_cfg.baudrate,
+                    bus_cfg.parity,
+                    bus_cfg.stopbits,
+                    bus_cfg.bytesize,
+                )
+            settings = BusSettings(
+                bus_cfg.name,
+                link,
+                bus_cfg.poll_hz,
+                bus_cfg.timeout_s,
+                bus_cfg.link_timeout_s,
+                bus_cfg.reconnect_max_s,
+            )
+            bus = ModbusBus(settings, specs.get(bus_cfg.name, []), to_monitor)
+            self.buses.append(bus)
+            for spec in specs.get(bus_cfg.name, []):
+                handles[spec.name] = bus.board(spec.name)
+
+        self.lanes = {
+            lane.id: LaneRunner(
+                lane.id,
+                site.lane_io[lane.id],
+                lane.timing(),
+                handles[lane.board],
+                self.store.append,
+            )
+            for lane in cfg.lanes
+        }
+        stale = max(b.link_timeout_s for b in cfg.buses) + 0.3
+        self.monitor = SafetyMonitor(
+            self.lanes.values(), site.safety_points, stale, time.monotonic, self._on_latch
+        )
+        self.control = ControlServer(self.socket_path, cfg.daemon.control_group, self.command)
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _on_latch(self, what: str, source: str | None) -> None:
+        if what == "trip":
+            self.store.append("emergency_latched", None, source=source)
+        else:
+            self.store.append("emergency_latch_reset", None)
+
+    # --- control commands -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        latch = self.monitor.latch
+        return {
+            "ok": True,
+            "version": __version__,
+            "site": self.site.config.site.id,
+            "gate": self.site.config.site.gate_id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "emergency": {
+                "latched": latch.latched,
+                "tripped_by": latch.tripped_by,
+                "active_inputs": sorted(latch.active),
+            },
+            "lanes": [lane.status() for lane in self.lanes.values()],
+            "buses": [bus.stats() for bus in self.buses],
+            "events": self.store.stats(),
+        }
+
+    def _lane(self, req: dict[str, Any]) -> LaneRunner | None:
+        lane_id = req.get("lane")
+        return self.lanes.get(lane_id) if isinstance(lane_id, str) else None
+
+    async def command(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return self.status()
+        reply = self._execute(cmd, req, peer)
+        args = {k: v for k, v in req.items() if k != "cmd" and isinstance(v, str | bool | int)}
+        self.store.append(
+            "audit",
+            self._lane(req).id if self._lane(req) else None,
+            cmd=str(cmd)[:40],
+            args=args,
+            uid=peer.uid,
+            pid=peer.pid,
+            ok=reply["ok"],
+            error=reply.get("error"),
+        )
+        log.info("audit: uid %d %s %s -> %s", peer.uid, cmd, args, reply.get("error", "ok"))
+        return reply
+
+    def _execute(self, cmd: object, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        def fail(error: str, message: str) -> dict[str, Any]:
+            return {"ok": False, "error": error, "message": message}
+
+        if cmd == "emergency":
+            action = req.get("action")
+            if action == "on":
+                self.monitor.request_emergency(f"gatectl:uid={peer.uid}")
+                return {"ok": True}
+            if action == "reset":
+                refusal = self.monitor.request_reset()
+                if refusal is None:
+                    return {"ok": True}
+                return fail(
+                    refusal,
+                    {
+                        "emergency_input_active": "an emergency button or fire input is still "
+                        "active: release it first",
+                        "not_latched": "no emergency is latched",
+                    }.get(refusal, refusal),
+                )
+            return fail("bad_request", "action must be 'on' or 'reset'")
+        if cmd not in ("open", "hold_open", "lockout"):
+            return fail("unknown_command", f"unknown command {str(cmd)[:40]!r}")
+        lane = self._lane(req)
+        if lane is None:
+            return fail("unknown_lane", f"lane must be one of {sorted(self.lanes)}")
+        if cmd == "open":
+            try:
+                direction = Direction(req.get("direction"))
+            except ValueError:
+                return fail("bad_request", "direction must be 'entry' or 'exit'")
+            ok, reason = lane.unlock(direction, f"gatectl:uid={peer.uid}")
+            return {"ok": True} if ok else fail(reason or "refused", f"lane {lane.id}: {reason}")
+        on = req.get("on")
+        if not isinstance(on, bool):
+            return fail("bad_request", "on must be true or false")
+        lane.handle(HoldOpen(on) if cmd == "hold_open" else Lockout(on))
+        return {"ok": True}
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _lanes_up(self) -> bool:
+        return all(lane.state.mode.value != "fault" for lane in self.lanes.values())
+
+    def _status_text(self) -> str:
+        return ", ".join(f"{lane.id} {lane.state.mode.value}" for lane in self.lanes.values())
+
+    async def _supervise(self) -> None:
+        """READY once lanes are up; WATCHDOG only while the safety loop and buses are alive."""
+        started = time.monotonic()
+        ready = False
+        interval = watchdog_interval() or 1.0
+        while True:
+            now = time.monotonic()
+            if not ready and (
+                self._lanes_up() or now - started > self.site.config.daemon.ready_timeout_s
+            ):
+                ready = True
+                self.notifier.ready(self._status_text())
+                log.info("ready: %s", self._status_text())
+            alive = now - self.monitor.alive_at < ALIVE_WITHIN_S and all(
+                now - bus.alive_at < ALIVE_WITHIN_S for bus in self.buses
+            )
+            if ready and alive:
+                self.notifier.watchdog()
+                self.notifier.status(self._status_text())
+            elif ready:
+                log.error("safety loop or bus owner stalled: withholding the systemd watchdog")
+            await asyncio.sleep(min(interval / 2, 0.5))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.store.start()
+        self.store.append("daemon_started", None, version=__version__, pid=os.getpid())
+        await self.control.start()
+        tasks = [asyncio.create_task(self.monitor.run(), name="safety-monitor")]
+        tasks += [asyncio.create_task(b.run(), name=f"bus-{b.name}") for b in self.buses]
+        tasks += [
+            asyncio.create_task(lane.run(), name=f"lane-{lane.id}") for lane in self.lanes.values()
+        ]
+        tasks.append(asyncio.create_task(self._supervise(), name="supervisor"))
+        stop_wait = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        for task in done:
+            if task is not stop_wait:
+                # A core task ended on its own: exit non-zero so systemd restarts us; the
+                # board's watchdog holds the fail state meanwhile.
+                log.critical(
+                    "task %s ended unexpectedly: %r",
+                    task.get_name(),
+                    task.exception() if not task.cancelled() else "cancelled",
+                )
+                code = 1
+        await self._shutdown(tasks)
+        stop_wait.cancel()
+        return code
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        log.info("stopping: leaving lanes in their safe state")
+        self.notifier.stopping()
+        bus_tasks = [t for t in tasks if t.get_name().startswith("bus-")]
+        others = [t for t in tasks if t not in bus_tasks]
+        # Stop everything that steps lanes first, then let the bus owners write the safe
+        # outputs themselves (one owner per bus: no second writer at shutdown either).
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        for lane in self.lanes.values():
+            try:
+                lane.drive(shutdown_outputs(lane.state, lane.timing))
+            except Exception:
+                log.exception("lane %s: could not command its safe state", lane.id)
+        deadline = time.monotonic() + 1.0
+        # Polling the bus owners' write state: they own the client, we only wait for it.
+        while any(b.writes_pending() for b in self.buses) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        for task in bus_tasks:
+            task.cancel()
+        await asyncio.gather(*bus_tasks, return_exceptions=True)
+        await self.control.close()
+        self.store.append("daemon_stopped", None)
+        self.store.close()
