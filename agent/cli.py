@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 
@@ -40,6 +42,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{exc.path}: {line}", file=sys.stderr)
         return 2
     d = site.config.daemon
+    # `kill -USR1 <pid>` dumps every thread's stack: the first thing to ask for when a
+    # controller in the field misbehaves.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logs.setup(args.log_level or d.log_level, args.log_format or d.log_format)
     daemon = Daemon(site, state_dir=args.state_dir, control_socket=args.control_socket)
     return asyncio.run(daemon.run())

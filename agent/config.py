@@ -246,6 +246,11 @@ def _format_pydantic(exc: ValidationError) -> list[str]:
         )
         if err["type"] == "extra_forbidden":
             lines.append(f"{_loc(loc)}: {_show(err['input'])} — unknown key (not allowed here)")
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = err.get("ctx", {}).get("tag", "missing")
+            lines.append(
+                f"{_loc((*loc, 'type'))}: {_show(tag)} — expected modbus-tcp or modbus-rtu"
+            )
         elif err["type"] == "missing":
             lines.append(f"{_loc(loc)}: missing — required key")
         else:
@@ -253,7 +258,7 @@ def _format_pydantic(exc: ValidationError) -> list[str]:
     return lines
 
 
-def _cross_check(cfg: GateConfig) -> tuple[list[str], Site | None]:
+def _cross_check(cfg: GateConfig, base: Path) -> tuple[list[str], Site | None]:
     errors: list[str] = []
 
     def bad(path: str, value: object, expected: str) -> None:
@@ -280,7 +285,10 @@ def _cross_check(cfg: GateConfig) -> tuple[list[str], Site | None]:
             bad(f"boards[{i}].unit_id", board.unit_id, f"a unit id not used on bus {board.bus!r}")
         units.add((board.bus, board.unit_id))
         try:
-            presets[board.name] = load_preset(board.preset)
+            preset_arg = board.preset
+            if Path(preset_arg).suffix and not Path(preset_arg).is_absolute():
+                preset_arg = str(base / preset_arg)
+            presets[board.name] = load_preset(preset_arg, search=[base / "boards"])
         except FileNotFoundError:
             bad(f"boards[{i}].preset", board.preset, "a preset in config/boards or a file")
         except (ValidationError, tomllib.TOMLDecodeError) as exc:
@@ -331,7 +339,7 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Site:
         cfg = GateConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(path, _format_pydantic(exc)) from None
-    errors, site = _cross_check(cfg)
+    errors, site = _cross_check(cfg, Path(path).parent)
     if site is None:
         raise ConfigError(path, errors)
     return site

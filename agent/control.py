@@ -69,7 +69,8 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -120,7 +121,7 @@ class ControlServer:
         await writer.drain()
 
 
-class DaemonNotRunning(Exception):
+class DaemonNotRunning(ConnectionError):
     """No daemon answers on the control socket."""
 
 

@@ -204,7 +204,8 @@ class ModbusBus:
             self._client.close()
         self._client = self._make_client()
         try:
-            ok = await asyncio.wait_for(self._client.connect(), timeout=max(self._s.timeout_s, 0.5))
+            async with asyncio.timeout(max(self._s.timeout_s, 0.5)):
+                ok = await self._client.connect()
         except (TimeoutError, OSError, ModbusException):
             ok = False
         if ok:
@@ -328,8 +329,10 @@ class ModbusBus:
                 self.alive_at = time.monotonic()
                 remaining = period - (self.alive_at - started)
                 if remaining > 0 and not self._wake.is_set():
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), remaining)
+                        async with asyncio.timeout(remaining):
+                            await self._wake.wait()
         finally:
             if self._client is not None:
                 self._client.close()

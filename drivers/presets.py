@@ -7,6 +7,7 @@ and channel) and by the simulated board (which serves the same map).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -106,10 +107,23 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_preset(name_or_path: str) -> BoardPreset:
-    """Load a preset by name (``config/boards/NAME.toml``) or by file path."""
+def find_preset(name_or_path: str, search: Sequence[Path] = ()) -> Path:
+    """A preset's file: a path as given, or NAME.toml in ``search`` then the shipped presets.
+
+    On a controller the site's own maps live beside its configuration
+    (``/etc/gate-agent/boards``); the ones shipped in ``config/boards`` come last.
+    """
     path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.toml"
-    with path.open("rb") as f:
+    if path.suffix or "/" in name_or_path:
+        return path
+    for folder in (*search, PRESET_DIR):
+        candidate = folder / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(name_or_path)
+
+
+def load_preset(name_or_path: str, search: Sequence[Path] = ()) -> BoardPreset:
+    """Load a preset by name or by file path (see ``find_preset``)."""
+    with find_preset(name_or_path, search).open("rb") as f:
         return BoardPreset.model_validate(tomllib.load(f))

@@ -191,9 +191,12 @@ class SafetyMonitor:
 
     async def run(self) -> None:
         """Process snapshots as they come and check staleness on a short timer."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that races with its result, which left this loop running after shutdown.
         while True:
             with contextlib.suppress(TimeoutError):
-                snap = await asyncio.wait_for(self._queue.get(), timeout=0.05)
+                async with asyncio.timeout(0.05):
+                    snap = await self._queue.get()
                 self.process(snap)
                 # Drain what queued meanwhile so a burst never delays the newest input.
                 while not self._queue.empty():
