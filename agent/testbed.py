@@ -59,6 +59,8 @@ class Testbed:
         bus: dict[str, Any] | None = None,
         watchdog_ms: int = 1000,
         log_format: str = "text",
+        config_file: Path | None = None,
+        tcp_port: int = 0,
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,9 @@ class Testbed:
         self.sim_socket = self.dir / "sim.sock"
         self.ctl_socket = self.dir / "ctl.sock"
         self.state_dir = self.dir / "state"
-        self.config_path = self.dir / "gate.toml"
+        self.config_file = config_file
+        self.tcp_port = tcp_port
+        self.config_path = config_file or self.dir / "gate.toml"
         self.sim_proc: subprocess.Popen[bytes] | None = None
         self.daemon_proc: subprocess.Popen[bytes] | None = None
         self.sim_info: dict[str, Any] = {}
@@ -100,13 +104,16 @@ class Testbed:
             "--ready-file",
             str(ready),
         ]
-        args += ["--tcp", "127.0.0.1:0"] if self.transport == "tcp" else ["--rtu"]
+        args += ["--tcp", f"127.0.0.1:{self.tcp_port}"] if self.transport == "tcp" else ["--rtu"]
         self.sim_proc = subprocess.Popen(
             args,
             stdout=stdout if stdout is not None else (self.dir / "sim.log").open("wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_for(ready.exists, 15, "the simulated board")
+        wait_for(lambda: ready.exists() or self.sim_proc.poll() is not None, 15,
+                 "the simulated board")
+        if not ready.exists():
+            raise RuntimeError(f"the simulated board did not start (see {self.dir / 'sim.log'})")
         self.sim_info = json.loads(ready.read_text())
         self._sim = SimClient(str(self.sim_socket))
         self._sim.wait_ready(10)
@@ -119,6 +126,8 @@ class Testbed:
     # --- the daemon -------------------------------------------------------------------
 
     def write_config(self) -> Path:
+        if self.config_file is not None:
+            return self.config_file
         lines = [
             "[site]",
             'id = "test-park"',
