@@ -5,7 +5,10 @@ Each story runs over Modbus TCP and over RTU on a pty pair where the transport m
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +212,30 @@ def test_gatectl_without_daemon(tmp_path: Path) -> None:
     r = tb.gatectl("status")
     assert r.returncode == 3
     assert "not running" in r.stderr
+
+
+def test_systemd_notify_ready_watchdog_and_socket_mode(tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(0.2)
+    seen: list[str] = []
+    try:
+        with Testbed(tmp_path / "gate") as tb:
+            tb.start_sim()
+            tb.start_daemon(env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"})
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not (
+                "READY=1" in seen and seen.count("WATCHDOG=1") >= 2
+            ):
+                with contextlib.suppress(TimeoutError):
+                    seen += sock.recv(4096).decode().splitlines()
+            assert "READY=1" in seen and seen.count("WATCHDOG=1") >= 2, seen
+            assert stat.S_IMODE(tb.ctl_socket.stat().st_mode) == 0o660
+            assert tb.stop_daemon() == 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    seen += sock.recv(4096).decode().splitlines()
+            assert "STOPPING=1" in seen
+    finally:
+        sock.close()
