@@ -8,6 +8,8 @@ Safety rules that hold in every transition:
 - no close command (unlock outputs going from open to closed) while anyone is in the lane
   (either passage beam or the obstruction sensor active): the lane stays open and alarms
   until it is clear;
+- anyone entering while the barrier is still closing (close_time_s after a close command,
+  whatever the mode, an alarm included) reopens it;
 - an emergency opens the lane whatever else is going on and stays latched until reset;
 - a lost link puts the lane in fault; on its return the configured fail state is commanded
   first, then normal service resumes.
@@ -154,6 +156,9 @@ class LaneState:
     """The authorisation the lane is open for; given back as not_passed if nobody goes."""
     deadline: float | None = None
     unlock_deadline: float | None = None
+    closing_until: float | None = None
+    """The barrier may still be moving closed until then, whatever the mode (an alarm raised
+    as the lane closes does not stop the motion): anyone entering before then reopens it."""
     emergency: bool = False
     maintenance: Maintenance = Maintenance.NONE
 
@@ -273,7 +278,17 @@ def _close(state: LaneState, now: float, t: Timing, actions: list[Action]) -> La
         state = _drive(state, OPEN_ALARM, actions)
         return replace(state, mode=Mode.OBSTRUCTED, deadline=None)
     state = _drive(state, CLOSED, actions)
-    return replace(state, mode=Mode.CLOSING, deadline=now + t.close_time_s)
+    done = now + t.close_time_s
+    return replace(state, mode=Mode.CLOSING, deadline=done, closing_until=done)
+
+
+def _still_closing(state: LaneState, now: float) -> bool:
+    """Whether the barrier may still be moving closed, so that a body entering must reopen it."""
+    if state.mode is Mode.CLOSING:
+        return True
+    return (
+        not state.outputs.is_open and state.closing_until is not None and now < state.closing_until
+    )
 
 
 def _alarm(
@@ -368,7 +383,7 @@ def _on_sensors(
         and track.first is state.direction
     ):
         state = replace(state, mode=Mode.PASSING, deadline=now + t.passage_timeout_s)
-    if state.mode is Mode.CLOSING and sensors.occupied:
+    if sensors.occupied and _still_closing(state, now):
         return _close(state, now, t, actions)
     if state.mode is Mode.OBSTRUCTED and not sensors.occupied:
         if state.auth is not None:
@@ -416,6 +431,10 @@ def refusal_reason(state: LaneState) -> str | None:
     # A visitor often steps into the lane before presenting a credential, so a body at
     # the entrance beam does not block an unlock of a locked lane.
     if state.mode in (Mode.LOCKED, Mode.CLOSING):
+        # A lockout given while the lane was closing takes effect when it is closed; it
+        # must refuse unlocks already.
+        if state.maintenance is Maintenance.LOCKED_OUT:
+            return _REFUSAL[Mode.LOCKED_OUT]
         return None
     return _REFUSAL[state.mode]
 
@@ -490,12 +509,14 @@ def _on_link_restored(
         return replace(state, mode=Mode.EMERGENCY)
     # The board's own state after an outage is unknown: command the site's fail state first
     # (what its watchdog should have done), then resume normal service from there. A lane
-    # that fails locked but has someone in it goes through the close guard instead: the
-    # board may have kept its last (open) outputs, and we never close on a body.
-    if not t.fail_outputs.is_open and ev.sensors.occupied:
-        state = replace(state, outputs=OPEN)
-        return _close(state, now, t, actions)
-    state = _drive(state, t.fail_outputs, actions, force=True)
+    # that fails locked but has someone in it is commanded open instead: the board may have
+    # kept its last (open) outputs, and we never close on a body. Resuming from open then
+    # goes through the close guard, or back to held open.
+    fail = OPEN if ev.sensors.occupied else t.fail_outputs
+    if state.outputs.is_open and not fail.is_open:
+        # If the board did keep our last (open) outputs, this command starts a close.
+        state = replace(state, closing_until=now + t.close_time_s)
+    state = _drive(state, fail, actions, force=True)
     return _resume(state, now, t, actions)
 
 
