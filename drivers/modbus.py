@@ -82,7 +82,11 @@ class BadReply(Exception):
 class _Board:
     spec: BoardSpec
     coil_image: list[bool]
-    coils_dirty: bool = True
+    """The latest wanted state of the board's coil block."""
+    pending: list[list[bool]] = field(default_factory=list)
+    """Coil images still to write, oldest first (see BoardHandle.set_coils)."""
+    written: list[bool] | None = None
+    """The last image the board acknowledged; None when unknown (start, after an outage)."""
     needs_setup: bool = True
     link_up: bool = False
     ever_up: bool = False
@@ -102,20 +106,36 @@ class BoardHandle:
         self._board = board
 
     def set_coils(self, coils: Mapping[int, bool]) -> None:
-        """Update the wanted coil states; the bus writes them at once."""
+        """Command these coil states; the bus writes them at once, in command order.
+
+        Changes to different coils merge into one write (an emergency opens every lane of
+        a board in one request); a second change to a coil not yet written queues a new
+        write, so a command such as "fail state, then normal" reaches the board as given.
+        """
         b = self._board
         start, count = b.spec.coils
-        changed = False
+        image = list(b.coil_image)
         for addr, value in coils.items():
             i = addr - start
             if not 0 <= i < count:
                 raise ValueError(f"coil {addr} outside board {self.name}'s block")
-            if b.coil_image[i] != value:
-                b.coil_image[i] = value
-                changed = True
-        if changed:
-            b.coils_dirty = True
-            self._bus.wake()
+            image[i] = value
+        if image == b.coil_image and b.pending:
+            return
+        if b.pending:
+            base = b.pending[-2] if len(b.pending) > 1 else b.written
+            last = b.pending[-1]
+            rewrites = any(
+                image[i] != last[i] and (base is None or last[i] != base[i]) for i in range(count)
+            )
+            if rewrites:
+                b.pending.append(image)
+            else:
+                b.pending[-1] = image
+        else:
+            b.pending.append(image)
+        b.coil_image = image
+        self._bus.wake()
 
 
 class ModbusBus:
@@ -236,15 +256,11 @@ class ModbusBus:
                     )
                 )
             b.needs_setup = False
-        if b.coils_dirty:
-            b.coils_dirty = False
-            try:
-                await self._check(
-                    client.write_coils(spec.coils[0], list(b.coil_image), device_id=spec.unit_id)
-                )
-            except BaseException:
-                b.coils_dirty = True
-                raise
+        while b.pending:
+            await self._check(
+                client.write_coils(spec.coils[0], b.pending[0], device_id=spec.unit_id)
+            )
+            b.written = b.pending.pop(0)
         start, count = spec.inputs
         rr = await self._check(
             client.read_discrete_inputs(start, count=count, device_id=spec.unit_id)
@@ -287,7 +303,10 @@ class ModbusBus:
     def _lose(self, b: _Board, now: float, why: str) -> None:
         b.link_up = False
         b.needs_setup = True
-        b.coils_dirty = True
+        # What was wanted before the outage is stale: the lanes command their fail state
+        # afresh when the link returns.
+        b.pending.clear()
+        b.written = None
         b.outages += 1
         log.error("bus %s board %s: link lost (%s)", self.name, b.spec.name, why)
         if self._frames:
@@ -339,4 +358,4 @@ class ModbusBus:
 
     def writes_pending(self) -> bool:
         """Whether a connected board still has coil changes to write."""
-        return any(b.link_up and b.coils_dirty for b in self._boards.values())
+        return any(b.link_up and b.pending for b in self._boards.values())

@@ -58,10 +58,16 @@ def unlock_latency(tb: Testbed, trials: int) -> list[float]:
         tb.sim.clear_history()
         t0 = time.monotonic()
         assert tb.ctl({"cmd": "open", "lane": f"L{lane}", "direction": "entry"})["ok"]
-        wait_for(lambda lane=lane: tb.sim.state(1)["lanes"][str(lane)]["outputs"]["unlock_entry"],
-                 2, "unlock")
-        t = next(h["t"] for h in tb.sim.history()
-                 if h["what"] == "unlock_entry" and h["value"] and h["channel"] == lane)
+        wait_for(
+            lambda lane=lane: tb.sim.state(1)["lanes"][str(lane)]["outputs"]["unlock_entry"],
+            2,
+            "unlock",
+        )
+        t = next(
+            h["t"]
+            for h in tb.sim.history()
+            if h["what"] == "unlock_entry" and h["value"] and h["channel"] == lane
+        )
         lat.append((t - t0) * 1000)
         tb.sim.walk(lane, "entry")
         tb.wait_modes("locked", timeout_s=3)
@@ -82,10 +88,15 @@ def fault_latency(tb: Testbed, trials: int) -> list[float]:
 
 
 def run(transport: Transport, trials: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="gate-bench-") as d, Testbed(
-        Path(d), transport=transport, lane={"close_time_s": 0.1, "unlock_timeout_s": 4},
-        log_format="json",
-    ) as tb:
+    with (
+        tempfile.TemporaryDirectory(prefix="gate-bench-") as d,
+        Testbed(
+            Path(d),
+            transport=transport,
+            lane={"close_time_s": 0.1, "unlock_timeout_s": 4},
+            log_format="json",
+        ) as tb,
+    ):
         tb.start_sim()
         tb.start_daemon()
         sfx = "" if transport == "tcp" else "_rtu"

@@ -894,3 +894,40 @@ def test_visitor_at_the_entrance_when_the_link_comes_back() -> None:
     assert drives(lane.log) == [OPEN, OPEN_ALARM]
     assert kinds(lane.see(CLEAR)) == [Kind.OBSTRUCTION_CLEARED]
     assert lane.outputs == CLOSED
+
+
+def test_a_tight_tailgater_whose_beams_never_clear() -> None:
+    """The second person breaks the entrance beam before the first has left the far one."""
+    lane = Lane()
+    lane.go(Unlock(ENTRY, "t1"), 1)
+    out = lane.see(AT_ENTRY, BOTH, AT_EXIT, BOTH, AT_ENTRY, BOTH, AT_EXIT, CLEAR)
+    assert kinds(out) == [Kind.PASSAGE, Kind.TAILGATING]
+    assert reports(out)[0] == Report(Kind.PASSAGE, ENTRY, "t1")
+    assert lane.mode() is Mode.ALARM
+
+
+def test_a_tailgater_seen_as_far_beam_then_entrance_beam() -> None:
+    """At 100 Hz the instant of clear between two people can fall between two polls."""
+    lane = Lane()
+    lane.go(Unlock(ENTRY, "t1"), 1)
+    out = lane.see(AT_ENTRY, BOTH, AT_EXIT, AT_ENTRY, BOTH, AT_EXIT, CLEAR)
+    assert kinds(out) == [Kind.PASSAGE, Kind.TAILGATING]
+
+
+def test_a_visitor_stepping_back_from_the_far_beam_still_counts_once() -> None:
+    lane = Lane()
+    lane.go(Unlock(ENTRY, "t1"), 1)
+    out = lane.see(AT_ENTRY, BOTH, AT_EXIT, BOTH, AT_EXIT, CLEAR)
+    assert kinds(out) == [Kind.PASSAGE]
+
+
+def test_people_clearing_the_lane_after_an_emergency_are_not_intruders() -> None:
+    lane = Lane()
+    lane.go(EmergencyOn("fire"), 1)
+    lane.see(AT_ENTRY, BOTH)
+    out = lane.go(EmergencyReset(), lane.now + 0.1)
+    assert lane.mode() is Mode.OBSTRUCTED and lane.outputs.is_open
+    assert kinds(out) == [Kind.EMERGENCY_RESET, Kind.OBSTRUCTION]
+    out = lane.see(AT_EXIT, CLEAR)
+    assert kinds(out) == [Kind.FREE_PASSAGE, Kind.OBSTRUCTION_CLEARED]
+    assert lane.mode() is Mode.CLOSING

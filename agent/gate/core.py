@@ -138,10 +138,17 @@ class Timing:
 
 @dataclass(frozen=True)
 class Track:
-    """Progress of one body through the two passage beams."""
+    """Progress of bodies through the two passage beams, from clear to clear."""
 
     started: bool = False
     first: Direction | None = None
+    far_seen: bool = False
+    """The far beam was reached by the body now passing."""
+    returned: bool = False
+    """Only the near beam is broken again after the far beam was reached: either a second
+    person is at the entrance as the first one left, or the first one walked back."""
+    bodies: int = 1
+    """People in this run of broken beams (tight tailgating never lets them clear)."""
 
 
 @dataclass(frozen=True)
@@ -324,22 +331,36 @@ def _resume(state: LaneState, now: float, t: Timing, actions: list[Action]) -> L
 
 def _advance_track(
     track: Track, old: Sensors, new: Sensors
-) -> tuple[Track, Direction | None, bool]:
-    """Follow the beams; return (track, completed direction, backed out)."""
+) -> tuple[Track, Direction | None, int, bool]:
+    """Follow the beams; return (track, completed direction, bodies, backed out)."""
     if not track.started:
         if not new.beams:
-            return track, None, False
+            return track, None, 0, False
         if new.entry_side and not new.exit_side:
-            return Track(True, Direction.ENTRY), None, False
+            return Track(True, Direction.ENTRY), None, 0, False
         if new.exit_side and not new.entry_side:
-            return Track(True, Direction.EXIT), None, False
-        return Track(True, None), None, False
+            return Track(True, Direction.EXIT), None, 0, False
+        return Track(True, None), None, 0, False
+    first = track.first
     if new.beams:
-        return track, None, False
+        if first is None:
+            return track, None, 0, False
+        bodies, far_seen, returned = track.bodies, track.far_seen, track.returned
+        if far_seen and new.near(first) and not new.far(first):
+            far_seen, returned = False, True
+        if new.far(first):
+            if returned:
+                # Someone reached the far beam again after the near beam was alone: two
+                # people, the first of whom left as the second came in. A visitor who only
+                # steps back from the far beam never leaves the near beam alone.
+                bodies, returned = bodies + 1, False
+            far_seen = True
+        track = replace(track, far_seen=far_seen, returned=returned, bodies=bodies)
+        return track, None, 0, False
     # All beams clear: complete only if the far beam was the last one seen.
-    if track.first is not None and old.far(track.first):
-        return Track(), track.first, False
-    return Track(), None, track.first is not None
+    if first is not None and old.far(first):
+        return Track(), first, track.bodies, False
+    return Track(), None, 0, first is not None
 
 
 def _on_passage(
@@ -348,6 +369,11 @@ def _on_passage(
     mode = state.mode
     if mode in (Mode.HELD_OPEN, Mode.EMERGENCY):
         actions.append(Report(Kind.FREE_PASSAGE, direction=d, reason=mode.value))
+        return state
+    if mode is Mode.OBSTRUCTED and state.direction is None and state.auth is None:
+        # Held open while closing after an emergency or a hold: people clearing the lane
+        # are no intruders.
+        actions.append(Report(Kind.FREE_PASSAGE, direction=d, reason="clearing"))
         return state
     authorised = (
         mode in (Mode.UNLOCKED, Mode.PASSING, Mode.OBSTRUCTED)
@@ -370,10 +396,11 @@ def _on_sensors(
         return state
     old = state.sensors
     was_started = state.track.started
-    track, completed, backed_out = _advance_track(state.track, old, sensors)
+    track, completed, bodies, backed_out = _advance_track(state.track, old, sensors)
     state = replace(state, sensors=sensors, track=track)
     if completed is not None:
-        state = _on_passage(state, completed, now, t, actions)
+        for _ in range(bodies):
+            state = _on_passage(state, completed, now, t, actions)
     elif backed_out and state.mode is Mode.PASSING:
         state = replace(state, mode=Mode.UNLOCKED, deadline=state.unlock_deadline)
     elif (
@@ -595,8 +622,8 @@ def step(state: LaneState, event: Event, now: float, timing: Timing) -> Result:
 
 def _on_emergency_sensors(state: LaneState, sensors: Sensors, actions: list[Action]) -> LaneState:
     """During an emergency only count people; nothing may change the open outputs."""
-    track, completed, _ = _advance_track(state.track, state.sensors, sensors)
-    if completed is not None:
+    track, completed, bodies, _ = _advance_track(state.track, state.sensors, sensors)
+    for _ in range(bodies if completed is not None else 0):
         actions.append(Report(Kind.FREE_PASSAGE, direction=completed, reason=Mode.EMERGENCY.value))
     return replace(state, sensors=sensors, track=track)
 
