@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.config import load_config
 from agent.testbed import Testbed, wait_for
@@ -43,6 +44,20 @@ WHAT = {
 }
 
 
+def command_line(audit: dict[str, Any]) -> str:
+    """The gatectl command line an audit event records."""
+    args = audit.get("args", {})
+    words = [
+        audit["cmd"].replace("_", "-"),
+        args.get("lane"),
+        args.get("direction"),
+        args.get("action"),
+    ]
+    if "on" in args:
+        words.append("on" if args["on"] else "off")
+    return " ".join(str(w) for w in words if w is not None)
+
+
 class Scene:
     def __init__(self, tb: Testbed) -> None:
         self.tb = tb
@@ -63,8 +78,7 @@ class Scene:
             self.seq = ev.seq
             if ev.kind == "audit":
                 result = "ok" if ev.data.get("ok") else f"refused: {ev.data.get('error')}"
-                args = " ".join(str(v) for v in ev.data.get("args", {}).values())
-                print(f"   gatectl {ev.data['cmd']} {args} (uid {ev.data['uid']}) -> {result}")
+                print(f"   gatectl {command_line(ev.data)} (uid {ev.data['uid']}) -> {result}")
                 continue
             if ev.lane is None:
                 continue
@@ -115,8 +129,11 @@ def play(tb: Testbed) -> None:
         sim.tailgate(1, "entry")
 
     s.step("Two people squeeze through L1 on one ticket", tailgate, settle_s=2.0)
-    s.step("Someone jumps over the locked L2", lambda: sim.walk(2, "entry", wait_unlock=False),
-           settle_s=2.0)
+    s.step(
+        "Someone jumps over the locked L2",
+        lambda: sim.walk(2, "entry", wait_unlock=False),
+        settle_s=2.0,
+    )
 
     def child() -> None:
         s.gatectl("open", "L1", "entry")()
@@ -127,24 +144,34 @@ def play(tb: Testbed) -> None:
 
     s.step("A child steps into L1's flaps as they close behind a visitor", child, settle_s=1.0)
 
-    s.step("The lane L2 is locked out for cleaning; a visitor is refused",
-           lambda: (s.gatectl("lockout", "L2", "on")(), s.gatectl("open", "L2", "entry")()))
+    s.step(
+        "The lane L2 is locked out for cleaning; a visitor is refused",
+        lambda: (s.gatectl("lockout", "L2", "on")(), s.gatectl("open", "L2", "entry")()),
+    )
     s.step("Cleaning done", s.gatectl("lockout", "L2", "off"))
 
     s.step("Someone presses the EMERGENCY button", lambda: sim.emergency(True))
-    s.step("A technician tries to reset while the button is still pressed",
-           s.gatectl("emergency", "reset"))
-    s.step("The button is released: the lanes stay open (latched)",
-           lambda: sim.emergency(False))
+    s.step(
+        "A technician tries to reset while the button is still pressed",
+        s.gatectl("emergency", "reset"),
+    )
+    s.step("The button is released: the lanes stay open (latched)", lambda: sim.emergency(False))
     s.step("The technician resets the emergency", s.gatectl("emergency", "reset"))
 
     def cut() -> None:
         sim.link("mute")
         wait_for(lambda: set(tb.modes().values()) == {"fault"}, 3, "fault")
 
-    s.step("The RS-485/LAN link to the board is cut", cut)
-    s.step("The link comes back (L1 fails open, L2 fails locked)",
-           lambda: (sim.link("up"), tb.wait_modes("locked", timeout_s=5)), settle_s=0.3)
+    s.step(
+        "The link to the board is cut (the board's watchdog takes over: L1 open, L2 locked)",
+        cut,
+        settle_s=1.5,
+    )
+    s.step(
+        "The link comes back (L1 fails open, L2 fails locked)",
+        lambda: (sim.link("up"), tb.wait_modes("locked", timeout_s=5)),
+        settle_s=0.3,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

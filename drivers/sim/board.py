@@ -302,14 +302,17 @@ class SimBoard:
         wait_unlock: bool = True,
         wait_timeout_s: float = 5.0,
         step_s: float = 0.06,
+        people: int = 1,
     ) -> bool:
-        """A person passes; with wait_unlock they wait for the lane to open, else they jump it."""
+        """People pass; with wait_unlock the first waits for the lane to open, else they jump
+        it. Each follower starts as soon as the one ahead clears the beams (tailgating)."""
         _check_direction(direction)
         output = self._unlock_output(channel, direction)
         async with self._lane_locks[channel]:
             if wait_unlock and not await self.wait_output(channel, output, True, wait_timeout_s):
                 return False
-            await self._pass_beams(channel, direction, step_s)
+            for _ in range(people):
+                await self._pass_beams(channel, direction, step_s)
             return True
 
     async def tailgate(
@@ -321,15 +324,15 @@ class SimBoard:
         wait_timeout_s: float = 5.0,
         step_s: float = 0.06,
     ) -> bool:
-        """Two people back to back: the second follows as soon as the first clears the beams."""
-        _check_direction(direction)
-        output = self._unlock_output(channel, direction)
-        async with self._lane_locks[channel]:
-            if wait_unlock and not await self.wait_output(channel, output, True, wait_timeout_s):
-                return False
-            await self._pass_beams(channel, direction, step_s)
-            await self._pass_beams(channel, direction, step_s)
-            return True
+        """Two people back to back on one unlock."""
+        return await self.walk(
+            channel,
+            direction,
+            wait_unlock=wait_unlock,
+            wait_timeout_s=wait_timeout_s,
+            step_s=step_s,
+            people=2,
+        )
 
     async def back_out(self, channel: int, direction: Direction, *, step_s: float = 0.06) -> None:
         """A person steps into the near beam, then turns back without reaching the far beam."""

@@ -93,10 +93,11 @@ class SimClient:
         wait_unlock: bool = True,
         wait_timeout_s: float = 5.0,
         unit: int | None = None,
+        cmd: str = "walk",
     ) -> bool:
         """A person walks through; True if they passed (False: the lane never unlocked)."""
         req = {
-            "cmd": "walk",
+            "cmd": cmd,
             "channel": channel,
             "direction": direction,
             "wait_unlock": wait_unlock,
@@ -115,15 +116,14 @@ class SimClient:
         unit: int | None = None,
     ) -> bool:
         """Two people back to back on one unlock; True if they passed."""
-        req = {
-            "cmd": "tailgate",
-            "channel": channel,
-            "direction": direction,
-            "wait_unlock": wait_unlock,
-            "wait_timeout_s": wait_timeout_s,
-            "unit": unit,
-        }
-        return bool(self.request(req, timeout_s=wait_timeout_s + WALK_MARGIN_S)["passed"])
+        return self.walk(
+            channel,
+            direction,
+            wait_unlock=wait_unlock,
+            wait_timeout_s=wait_timeout_s,
+            unit=unit,
+            cmd="tailgate",
+        )
 
     def back_out(self, channel: int, direction: str = "entry", *, unit: int | None = None) -> None:
         """A person breaks the near beam and turns back."""

@@ -184,13 +184,13 @@ class ControlServer:
 
     async def _pass(self, req: Request, *, tailgate: bool) -> Reply:
         board, channel, direction = self._lane(req)
-        passage = board.tailgate if tailgate else board.walk
-        passed = await passage(
+        passed = await board.walk(
             channel,
             direction,
             wait_unlock=_get(req, "wait_unlock", bool, True),
             wait_timeout_s=_get(req, "wait_timeout_s", float, 5.0),
             step_s=_get(req, "step_s", float, 0.06),
+            people=2 if tailgate else 1,
         )
         log.info(
             "sim unit %s lane %s: %s %s %s",
