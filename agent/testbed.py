@@ -110,8 +110,9 @@ class Testbed:
             stdout=stdout if stdout is not None else (self.dir / "sim.log").open("wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: ready.exists() or self.sim_proc.poll() is not None, 15,
-                 "the simulated board")
+        wait_for(
+            lambda: ready.exists() or self.sim_proc.poll() is not None, 15, "the simulated board"
+        )
         if not ready.exists():
             raise RuntimeError(f"the simulated board did not start (see {self.dir / 'sim.log'})")
         self.sim_info = json.loads(ready.read_text())

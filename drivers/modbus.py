@@ -74,6 +74,9 @@ class BoardSpec:
     fail_open_mask: int = 0
 
 
+DOWN_RETRY_S = 0.2
+
+
 class BadReply(Exception):
     """The board answered with a Modbus exception or an unusable reply."""
 
@@ -95,6 +98,7 @@ class _Board:
     outages: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     reads: int = 0
+    retry_at: float = 0.0
 
 
 class BoardHandle:
@@ -151,7 +155,7 @@ class ModbusBus:
         self._handles = {n: BoardHandle(self, b) for n, b in self._boards.items()}
         self._wake = asyncio.Event()
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-        self._frames: deque[tuple[float, str, str]] = deque(maxlen=32)
+        self._frames: deque[tuple[float, str, bytes]] = deque(maxlen=32)
         self._next_connect = 0.0
         self._backoff = 0.1
         self.alive_at = time.monotonic()
@@ -187,7 +191,7 @@ class ModbusBus:
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
         # Ring buffer of recent frames, dumped when a link is lost (cheap: no formatting).
-        self._frames.append((time.monotonic(), "tx" if sending else "rx", data))  # type: ignore[arg-type]
+        self._frames.append((time.monotonic(), "tx" if sending else "rx", data))
         return data
 
     def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
@@ -295,6 +299,9 @@ class ModbusBus:
 
     def _fault(self, b: _Board, kind: str, exc: BaseException | None, now: float) -> None:
         b.faults[kind] += 1
+        # A board that is down is tried a few times a second, not every cycle: on a shared
+        # RS-485 line each try costs a reply timeout that the other boards would wait out.
+        b.retry_at = now + DOWN_RETRY_S
         if b.link_up and now - b.last_ok >= self._s.link_timeout_s:
             self._lose(b, now, f"{kind}: {exc}")
         elif not b.link_up:
@@ -313,7 +320,7 @@ class ModbusBus:
             log.info(
                 "bus %s last frames: %s",
                 self.name,
-                " ".join(f"{d}:{bytes(f).hex()}" for _, d, f in list(self._frames)[-8:]),
+                " ".join(f"{d}:{f.hex()}" for _, d, f in list(self._frames)[-8:]),
             )
         self._listener(BoardSnapshot(b.spec.name, False, {}, now))
 
@@ -324,6 +331,8 @@ class ModbusBus:
                 self._fault(b, "not_connected", None, now)
             return
         for b in self._boards.values():
+            if not b.link_up and now < b.retry_at:
+                continue
             try:
                 await self._service(b)
             except BadReply as exc:
