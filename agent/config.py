@@ -116,6 +116,9 @@ class LaneConfig(_Model):
     passage_timeout_s: float = Field(10.0, ge=1, le=300, description="first beam to clear")
     close_time_s: float = Field(1.0, ge=0.1, le=10, description="time the arm/flap takes to close")
     alarm_s: float = Field(3.0, ge=0.5, le=300, description="how long an alarm sounds")
+    zone: str = Field(
+        "park", pattern=NAME, description="zone an entry through this lane leads into"
+    )
     io: LaneIOOverride = LaneIOOverride()
 
     def timing(self) -> Timing:
@@ -140,9 +143,38 @@ class SafetyConfig(_Model):
     )
 
 
+class AdmissionConfig(_Model):
+    """Site-wide admission rules (products may override slot grace and re-entry)."""
+
+    slot_grace_before_s: float = Field(600, ge=0, le=86400, description="early entry allowed")
+    slot_grace_after_s: float = Field(600, ge=0, le=86400, description="late entry allowed")
+    reentry: Literal["never", "after_exit", "after_minutes", "always"] = Field(
+        "after_exit", description="when a used ticket may enter the same zone again"
+    )
+    reentry_minutes: float = Field(30, ge=0, le=10080, description="for reentry=after_minutes")
+    anti_passback: bool = Field(True, description="refuse a ticket already inside the zone")
+    clock_tolerance_s: float = Field(
+        300, ge=0, le=86400, description="device clock may lag the cloud's by this much"
+    )
+    utc_offset_hours: float = Field(8, ge=-12, le=14, description="site's local day vs UTC")
+    holder_key_file: Path | None = Field(
+        None, description="root-only file with the site key for ID-number hashes (>= 32 bytes)"
+    )
+    max_events: int = Field(
+        1_000_000, ge=1000, description="outbox size that raises an alarm at 80 % (never drops)"
+    )
+
+
+class ZoneConfig(_Model):
+    name: str = Field(pattern=NAME, description="zone name used by products and lanes")
+    capacity: int | None = Field(None, ge=1, description="most people inside at once")
+
+
 class GateConfig(_Model):
     site: SiteConfig
     daemon: DaemonConfig = DaemonConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    zones: list[ZoneConfig] = Field(default_factory=list)
     buses: list[BusConfig] = Field(min_length=1)
     boards: list[BoardConfig] = Field(min_length=1)
     lanes: list[LaneConfig] = Field(min_length=1)

@@ -77,6 +77,78 @@ def print_status(st: dict[str, Any]) -> None:
     print(f"events: {ev['written']} written, {ev['queued']} queued, {ev['failed']} failed")
 
 
+def print_decision(reply: dict[str, Any], explain: bool) -> None:
+    """A decision as a technician reads it, optionally with every rule the engine saw."""
+    d = reply["decision"]
+    verdict = "ALLOWED" if d["allowed"] else "REFUSED"
+    left = "" if d.get("remaining") is None else f", {d['remaining']} entries left"
+    print(f"{verdict}: {d['reason']} (ticket {d.get('ticket_id') or '-'}, zone {d['zone']}{left})")
+    print(f"  display: {d['prompt_zh']} / {d['prompt_en']}")
+    if explain:
+        for i, st in enumerate(d.get("steps", []), 1):
+            mark = "ok  " if st["passed"] else "FAIL"
+            print(f"  {i:2d}. {mark} {st['rule']:<14} {st['detail']}")
+    if "lane" in reply:
+        print(f"  lane {reply['lane']}: {reply.get('outcome')}")
+
+
+def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read a JSON-lines file into import requests; bad lines are reported, not sent."""
+    requests: list[dict[str, Any]] = []
+    errors: list[str] = []
+    batch: list[dict[str, Any]] = []
+    first = 1
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append(f"line {n}: not JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                errors.append(f"line {n}: not a JSON object")
+                continue
+            if not batch:
+                first = n
+            record["_line"] = n
+            batch.append(record)
+            if len(batch) >= chunk:
+                requests.append({"cmd": "cache_import", "records": batch, "first_line": first})
+                batch = []
+    if batch:
+        requests.append({"cmd": "cache_import", "records": batch, "first_line": first})
+    return requests, errors
+
+
+def _build(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.command == "status":
+        return [{"cmd": "status"}]
+    if args.command == "open":
+        return [{"cmd": "open", "lane": args.lane, "direction": args.direction}]
+    if args.command == "emergency":
+        return [{"cmd": "emergency", "action": args.action}]
+    if args.command == "present":
+        return [
+            {"cmd": "present", "lane": args.lane, "code": args.code, "direction": args.direction}
+        ]
+    if args.command == "cache":
+        if args.action == "stats":
+            return [{"cmd": "cache_stats"}]
+        if args.action == "lookup":
+            return [
+                {
+                    "cmd": "cache_lookup",
+                    "code": args.code,
+                    "lane": args.lane,
+                    "direction": args.direction,
+                }
+            ]
+        return []
+    return [{"cmd": args.command.replace("-", "_"), "lane": args.lane, "on": args.state}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gatectl", description=__doc__)
     where = parser.add_mutually_exclusive_group()
@@ -99,21 +171,37 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=what)
         p.add_argument("lane")
         p.add_argument("state", type=_on_off, metavar="on|off")
+    pr = sub.add_parser("present", help="present a ticket code at a lane, as a reader would")
+    pr.add_argument("lane")
+    pr.add_argument("code")
+    pr.add_argument("direction", nargs="?", default="entry", choices=["entry", "exit"])
+    cache = sub.add_parser("cache", help="the offline ticket cache")
+    csub = cache.add_subparsers(dest="action", required=True)
+    cs = csub.add_parser("stats", help="counts, versions, outbox depth, database size")
+    cs.add_argument("--json", action="store_true")
+    cl = csub.add_parser("lookup", help="decide a code step by step, without admitting anyone")
+    cl.add_argument("code")
+    cl.add_argument("--lane", help="decide as at this lane (default: the first lane)")
+    cl.add_argument("--direction", default="entry", choices=["entry", "exit"])
+    ci = csub.add_parser("import", help="import tickets/products/blocks from a JSON-lines file")
+    ci.add_argument("file")
     args = parser.parse_args(argv)
 
-    req: dict[str, Any]
-    if args.command == "status":
-        req = {"cmd": "status"}
-    elif args.command == "open":
-        req = {"cmd": "open", "lane": args.lane, "direction": args.direction}
-    elif args.command == "emergency":
-        req = {"cmd": "emergency", "action": args.action}
+    local_errors: list[str] = []
+    if args.command == "cache" and args.action == "import":
+        try:
+            reqs, local_errors = _import_requests(args.file)
+        except OSError as exc:
+            print(f"gatectl: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_REFUSED
     else:
-        req = {"cmd": args.command.replace("-", "_"), "lane": args.lane, "on": args.state}
+        reqs = _build(args)
 
     path = _socket_path(args)
+    replies = []
     try:
-        reply = request(path, req)
+        for req in reqs:
+            replies.append(request(path, req, timeout_s=60))
     except DaemonNotRunning:
         print(f"gatectl: gate-agent is not running (no answer on {path})", file=sys.stderr)
         return EXIT_NOT_RUNNING
@@ -126,17 +214,48 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError:
         print(f"gatectl: gate-agent did not answer on {path} in time", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    return _show(args, replies, local_errors)
+
+
+def _show(args: argparse.Namespace, replies: list[dict[str, Any]], local_errors: list[str]) -> int:
+    if args.command == "cache" and args.action == "import":
+        imported = sum(r.get("imported", 0) for r in replies)
+        errors = local_errors + [e for r in replies for e in r.get("errors", [])]
+        for e in errors[:50]:
+            print(f"  skipped {e}", file=sys.stderr)
+        if len(errors) > 50:
+            print(f"  ... and {len(errors) - 50} more", file=sys.stderr)
+        print(f"imported {imported} record(s), skipped {len(errors)}")
+        failed = [r for r in replies if not r.get("ok")]
+        for r in failed[:1]:
+            print(f"refused: {r.get('error')}: {r.get('message', '')}", file=sys.stderr)
+        return EXIT_REFUSED if failed else 0
+    reply = replies[0]
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error')}: {reply.get('message', '')}", file=sys.stderr)
+        return EXIT_REFUSED
     if args.command == "status":
         if args.json:
             print(json.dumps(reply, indent=2))
         else:
             print_status(reply)
         return 0
-    if reply.get("ok"):
-        print("ok")
+    if args.command == "cache" and args.action == "stats":
+        stats = reply["stats"]
+        if args.json:
+            print(json.dumps(stats, indent=2))
+        else:
+            for key, value in stats.items():
+                print(f"{key:<28}{value}")
         return 0
-    print(f"refused: {reply.get('error')}: {reply.get('message', '')}", file=sys.stderr)
-    return EXIT_REFUSED
+    if args.command == "present":
+        print_decision(reply, explain=False)
+        return 0 if reply.get("outcome") == "unlocked" else EXIT_REFUSED
+    if args.command == "cache":
+        print_decision(reply, explain=True)
+        return 0 if reply["decision"]["allowed"] else EXIT_REFUSED
+    print("ok")
+    return 0
 
 
 if __name__ == "__main__":
