@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.admission import Admission, decision_dict
 from agent.config import ModbusTcpBusConfig, Site
 from agent.control import ControlServer, Peer
-from agent.gate.core import Direction, HoldOpen, Lockout, shutdown_outputs
+from agent.gate.core import Direction, HoldOpen, Kind, Lockout, Report, shutdown_outputs
 from agent.gate.monitor import SafetyMonitor
 from agent.lane import LaneRunner
 from agent.notify import Notifier, watchdog_interval
 from drivers.base import BoardSnapshot
 from drivers.modbus import BoardSpec, BusSettings, ModbusBus, RtuLink, TcpLink
-from offline_cache.events import EventStore
+from offline_cache import Cache, load_site_key
+from verify.model import Policy, ReentryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,22 @@ class Daemon:
         self.state_dir = state_dir or cfg.daemon.state_dir
         self.socket_path = control_socket or cfg.daemon.control_socket
         self.notifier = notifier or Notifier()
-        self.store = EventStore(self.state_dir / "events.db")
+        adm = cfg.admission
+        self.policy = Policy(
+            slot_grace_before_s=adm.slot_grace_before_s,
+            slot_grace_after_s=adm.slot_grace_after_s,
+            reentry=ReentryPolicy(adm.reentry, adm.reentry_minutes),
+            anti_passback=adm.anti_passback,
+            clock_tolerance_s=adm.clock_tolerance_s,
+            utc_offset_s=round(adm.utc_offset_hours * 3600),
+        )
+        site_key = load_site_key(adm.holder_key_file) if adm.holder_key_file else None
+        self.cache = Cache(
+            self.state_dir / "gate.db",
+            policy=self.policy,
+            site_key=site_key,
+            max_events=adm.max_events,
+        )
         self.started_at = time.time()
         self._stop = asyncio.Event()
 
@@ -121,10 +138,15 @@ class Daemon:
                 site.lane_io[lane.id],
                 lane.timing(),
                 handles[lane.board],
-                self.store.append,
+                self.cache.append,
             )
             for lane in cfg.lanes
         }
+        self.admission = Admission(
+            self.cache, {lane.id: lane.zone for lane in cfg.lanes}, self.policy
+        )
+        for runner in self.lanes.values():
+            runner.settle = self._settle
         stale = max(b.link_timeout_s for b in cfg.buses) + 0.3
         self.monitor = SafetyMonitor(
             self.lanes.values(), site.safety_points, stale, time.monotonic, self._on_latch
@@ -133,11 +155,19 @@ class Daemon:
 
     # --- events ---------------------------------------------------------------------------
 
+    def _settle(self, report: Report) -> bool:
+        """Close a ticket's two-phase passage; True if the cache recorded the report."""
+        if report.kind is Kind.PASSAGE:
+            return self.admission.passed(report.auth, time.time())
+        if report.kind is Kind.NOT_PASSED:
+            return self.admission.not_passed(report.auth, report.reason or "not_passed")
+        return False
+
     def _on_latch(self, what: str, source: str | None) -> None:
         if what == "trip":
-            self.store.append("emergency_latched", None, source=source)
+            self.cache.append("emergency_latched", None, source=source)
         else:
-            self.store.append("emergency_latch_reset", None)
+            self.cache.append("emergency_latch_reset", None)
 
     # --- control commands -----------------------------------------------------------------
 
@@ -157,7 +187,7 @@ class Daemon:
             },
             "lanes": [lane.status() for lane in self.lanes.values()],
             "buses": [bus.stats() for bus in self.buses],
-            "events": self.store.stats(),
+            "events": self.cache.stats(),
         }
 
     def _lane(self, req: dict[str, Any]) -> LaneRunner | None:
@@ -168,11 +198,22 @@ class Daemon:
         cmd = req.get("cmd")
         if cmd == "status":
             return self.status()
-        reply = self._execute(cmd, req, peer)
-        args = {k: v for k, v in req.items() if k != "cmd" and isinstance(v, str | bool | int)}
-        self.store.append(
+        if cmd == "cache_stats":
+            return {"ok": True, "stats": self.cache.stats()}
+        if cmd == "cache_import":
+            reply = await self._import(req)
+        else:
+            reply = self._execute(cmd, req, peer)
+        # Ticket codes are bearer credentials: they stay out of the audit trail.
+        args = {
+            k: v
+            for k, v in req.items()
+            if k not in ("cmd", "code") and isinstance(v, str | bool | int)
+        }
+        lane = self._lane(req)
+        self.cache.append(
             "audit",
-            self._lane(req).id if self._lane(req) else None,
+            lane.id if lane else None,
             cmd=str(cmd)[:40],
             args=args,
             uid=peer.uid,
@@ -182,6 +223,19 @@ class Daemon:
         )
         log.info("audit: uid %d %s %s -> %s", peer.uid, cmd, args, reply.get("error", "ok"))
         return reply
+
+    async def _import(self, req: dict[str, Any]) -> dict[str, Any]:
+        records = req.get("records")
+        if not isinstance(records, list):
+            return {"ok": False, "error": "bad_request", "message": "records must be a list"}
+        lines = req.get("lines")
+        if not (isinstance(lines, list) and len(lines) == len(records)):
+            lines = list(range(1, len(records) + 1))
+        # The import waits on the writer: a worker thread does, the event loop does not.
+        result = await asyncio.to_thread(self.cache.import_records, records)
+        imported = result.tickets + result.products + result.blocks + result.zones
+        errors = [f"line {lines[p.line - 1]}: {p.reason}" for p in result.problems]
+        return {"ok": True, "imported": imported, "rejected": result.rejected, "errors": errors}
 
     def _execute(self, cmd: object, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         def fail(error: str, message: str) -> dict[str, Any]:
@@ -205,17 +259,32 @@ class Daemon:
                     }.get(refusal, refusal),
                 )
             return fail("bad_request", "action must be 'on' or 'reset'")
-        if cmd not in ("open", "hold_open", "lockout"):
+        if cmd not in ("open", "hold_open", "lockout", "present", "cache_lookup"):
             return fail("unknown_command", f"unknown command {str(cmd)[:40]!r}")
         lane = self._lane(req)
+        if cmd == "cache_lookup" and req.get("lane") is None:
+            lane = next(iter(self.lanes.values()))
         if lane is None:
             return fail("unknown_lane", f"lane must be one of {sorted(self.lanes)}")
+        direction_text = req.get("direction", "entry")
+        if direction_text not in ("entry", "exit"):
+            return fail("bad_request", "direction must be 'entry' or 'exit'")
+        if cmd in ("present", "cache_lookup"):
+            code = req.get("code")
+            if not isinstance(code, str):
+                return fail("bad_request", "code must be a string")
+            if cmd == "cache_lookup":
+                point = self.admission.point(lane.id, direction_text)
+                return {"ok": True, "decision": decision_dict(self.admission.lookup(code, point))}
+            decision, outcome = self.admission.present(lane, code, direction_text)
+            return {
+                "ok": True,
+                "decision": decision_dict(decision),
+                "lane": lane.id,
+                "outcome": outcome,
+            }
         if cmd == "open":
-            try:
-                direction = Direction(req.get("direction"))
-            except ValueError:
-                return fail("bad_request", "direction must be 'entry' or 'exit'")
-            ok, reason = lane.unlock(direction, f"gatectl:uid={peer.uid}")
+            ok, reason = lane.unlock(Direction(direction_text), f"gatectl:uid={peer.uid}")
             return {"ok": True} if ok else fail(reason or "refused", f"lane {lane.id}: {reason}")
         on = req.get("on")
         if not isinstance(on, bool):
@@ -258,8 +327,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        self.store.start()
-        self.store.append("daemon_started", None, version=__version__, pid=os.getpid())
+        self.cache.start()
+        for zone in self.site.config.zones:
+            self.cache.set_zone_capacity(zone.name, zone.capacity)
+        self.cache.append("daemon_started", None, version=__version__, pid=os.getpid())
         await self.control.start()
         tasks = [asyncio.create_task(self.monitor.run(), name="safety-monitor")]
         tasks += [asyncio.create_task(b.run(), name=f"bus-{b.name}") for b in self.buses]
@@ -307,5 +378,5 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*bus_tasks, return_exceptions=True)
         await self.control.close()
-        self.store.append("daemon_stopped", None)
-        self.store.close()
+        self.cache.append("daemon_stopped", None)
+        self.cache.close()

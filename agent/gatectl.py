@@ -97,7 +97,7 @@ def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]]
     requests: list[dict[str, Any]] = []
     errors: list[str] = []
     batch: list[dict[str, Any]] = []
-    first = 1
+    lines: list[int] = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -110,15 +110,13 @@ def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]]
             if not isinstance(record, dict):
                 errors.append(f"line {n}: not a JSON object")
                 continue
-            if not batch:
-                first = n
-            record["_line"] = n
             batch.append(record)
+            lines.append(n)
             if len(batch) >= chunk:
-                requests.append({"cmd": "cache_import", "records": batch, "first_line": first})
-                batch = []
+                requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
+                batch, lines = [], []
     if batch:
-        requests.append({"cmd": "cache_import", "records": batch, "first_line": first})
+        requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
     return requests, errors
 
 

@@ -57,6 +57,8 @@ class LaneRunner:
         self.timing = timing
         self.state = LaneState()
         self.counts: Counter[str] = Counter()
+        self.settle: Callable[[Report], bool] | None = None
+        """Settles the two-phase passage of a ticket: returns True if it recorded the report."""
         self._outputs = outputs
         self._sink = sink
         self._clock = clock
@@ -100,7 +102,11 @@ class LaneRunner:
             data["auth"] = r.auth
         if r.reason is not None:
             data["reason"] = r.reason
-        self._sink(r.kind.value, self.id, **data)
+        # A passage or give-back of a ticket reservation is written by the cache, in the
+        # same transaction as the ticket's usage; everything else goes to the event store.
+        handled = self.settle is not None and self.settle(r)
+        if not handled:
+            self._sink(r.kind.value, self.id, **data)
         level = logging.WARNING if r.kind in ALARM_KINDS else logging.INFO
         log.log(
             level,

@@ -233,7 +233,7 @@ class Testbed:
         return result
 
     def events(self, kind: str | None = None) -> list[StoredEvent]:
-        path = self.state_dir / "events.db"
+        path = self.state_dir / "gate.db"
         return list(read_events(path, kind=kind)) if path.exists() else []
 
     def wait_event(self, kind: str, count: int = 1, timeout_s: float = 5.0) -> list[StoredEvent]:

@@ -125,6 +125,10 @@ def _decide(s: Situation, point: Point, now: float, policy: Policy, steps: list[
         return deny("status", Reason.REVOKED)
     if t.status == "refunded":
         return deny("status", Reason.REFUNDED)
+    if t.status != "valid":
+        # A status this version does not know (a sales channel's "unpaid", a broken import
+        # row) must not admit: fail closed.
+        return deny("status", Reason.ERROR, f"unknown status {t.status!r}")
     ok("status", t.status)
 
     for block in s.blocks:
@@ -199,15 +203,21 @@ def _decide(s: Situation, point: Point, now: float, policy: Policy, steps: list[
     ok("in_use")
 
     reentry = product.reentry or policy.reentry
-    if u.entries > 0 and u.last_entry_at is not None:
-        exited = u.last_exit_at is not None and u.last_exit_at >= u.last_entry_at
+    if u.entries > 0:
+        # A used zone whose last entry time is unknown (usage synced as counts only) can
+        # prove neither an exit nor a wait: it refuses rather than skipping the rule.
+        last = u.last_entry_at
+        exited = last is not None and u.last_exit_at is not None and u.last_exit_at >= last
         if reentry.mode == "never":
             return deny("reentry", Reason.NO_REENTRY)
         if reentry.mode == "after_exit" and not exited:
             return deny("reentry", Reason.NO_REENTRY, "no exit since the last entry")
-        if reentry.mode == "after_minutes" and now - u.last_entry_at < reentry.minutes * 60:
-            wait = reentry.minutes * 60 - (now - u.last_entry_at)
-            return deny("reentry", Reason.REENTRY_TOO_SOON, f"again in {wait:.0f} s")
+        if reentry.mode == "after_minutes":
+            if last is None:
+                return deny("reentry", Reason.REENTRY_TOO_SOON, "last entry time unknown")
+            if now - last < reentry.minutes * 60:
+                wait = reentry.minutes * 60 - (now - last)
+                return deny("reentry", Reason.REENTRY_TOO_SOON, f"again in {wait:.0f} s")
     ok("reentry", reentry.mode)
 
     if policy.anti_passback and u.inside and u.day == today:

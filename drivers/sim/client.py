@@ -94,6 +94,7 @@ class SimClient:
         wait_timeout_s: float = 5.0,
         unit: int | None = None,
         cmd: str = "walk",
+        step_s: float = 0.06,
     ) -> bool:
         """A person walks through; True if they passed (False: the lane never unlocked)."""
         req = {
@@ -103,6 +104,7 @@ class SimClient:
             "wait_unlock": wait_unlock,
             "wait_timeout_s": wait_timeout_s,
             "unit": unit,
+            "step_s": step_s,
         }
         return bool(self.request(req, timeout_s=wait_timeout_s + WALK_MARGIN_S)["passed"])
 

@@ -1,0 +1,126 @@
+"""Admission at the lane: credential -> decision -> reservation -> unlock -> commit or abort.
+
+The rules decide on what the offline cache knows (``verify.rules``); an allowed entry is
+reserved before the lane unlocks, so a second lane presenting the same ticket at the same
+moment is refused; the passage the gate core reports commits the reservation (usage and
+the passage event in one transaction), a relock with nobody through gives it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from agent.gate.core import Direction
+from verify.model import Decision, Point, Policy, Reason
+from verify.rules import PROMPTS, decide
+
+log = logging.getLogger(__name__)
+
+MAX_CODE_BYTES = 4096
+
+
+class Lane(Protocol):
+    id: str
+
+    def unlock(self, direction: Direction, auth: str) -> tuple[bool, str | None]:
+        """Unlock for one passage; returns (accepted, refusal reason)."""
+
+
+def _log_failed_commit(future: Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        # The reservation stays held (counted as used) so the ticket cannot be reused; the
+        # writer's own log says why the disk refused.
+        log.error("passage commit failed: %s", type(exc).__name__)
+
+
+def decision_dict(d: Decision) -> dict[str, Any]:
+    out = asdict(d)
+    out["reason"] = d.reason.value
+    out["steps"] = [asdict(s) for s in d.steps]
+    return out
+
+
+def bad_code(point: Point) -> Decision:
+    zh, en = PROMPTS[Reason.BAD_CODE]
+    return Decision(False, Reason.BAD_CODE, zone=point.zone, prompt_zh=zh, prompt_en=en)
+
+
+class Admission:
+    """Decides credentials for the lanes and keeps the two-phase passage bookkeeping."""
+
+    def __init__(
+        self,
+        cache: Any,
+        zones: Mapping[str, str],
+        policy: Policy,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache = cache
+        self.zones = dict(zones)
+        self.policy = policy
+        self._now = wall_clock
+
+    def point(self, lane_id: str, direction: str) -> Point:
+        return Point(lane_id, self.zones[lane_id], "exit" if direction == "exit" else "entry")
+
+    def lookup(self, code: str, point: Point) -> Decision:
+        """Decide without admitting anyone (gatectl cache lookup)."""
+        if len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES:
+            return bad_code(point)
+        situation = self.cache.situation(code, point, self._now())
+        return decide(situation, point, self._now(), self.policy)
+
+    def present(self, lane: Lane, code: str, direction: str) -> tuple[Decision, str]:
+        """A credential at a lane; returns the decision and what the lane did."""
+        point = self.point(lane.id, direction)
+        decision = self.lookup(code, point)
+        if not decision.allowed:
+            self.cache.append(
+                "denied",
+                lane.id,
+                reason=decision.reason.value,
+                ticket_id=decision.ticket_id,
+                direction=point.direction,
+            )
+            log.info("lane %s: refused %s", lane.id, decision.reason.value)
+            return decision, "refused"
+        reservation = self.cache.reserve(decision, point, self._now())
+        if reservation is None:
+            zh, en = PROMPTS[Reason.IN_USE]
+            decision = Decision(
+                False, Reason.IN_USE, decision.ticket_id, point.zone, prompt_zh=zh, prompt_en=en
+            )
+            self.cache.append(
+                "denied",
+                lane.id,
+                reason=Reason.IN_USE.value,
+                ticket_id=decision.ticket_id,
+                direction=point.direction,
+            )
+            return decision, "refused"
+        ok, refusal = lane.unlock(Direction(point.direction), reservation.id)
+        if not ok:
+            self.cache.abort(reservation.id, refusal or "refused")
+            return decision, refusal or "refused"
+        return decision, "unlocked"
+
+    def passed(self, auth: str | None, at: float) -> bool:
+        """The lane reports a passage; True if it was one of our reservations."""
+        if auth is None or not self.cache.holds(auth):
+            return False
+        future = self.cache.commit(auth, at)
+        future.add_done_callback(_log_failed_commit)
+        return True
+
+    def not_passed(self, auth: str | None, reason: str) -> bool:
+        """The lane relocked with nobody through; True if it was one of our reservations."""
+        if auth is None or not self.cache.holds(auth):
+            return False
+        self.cache.abort(auth, reason)
+        return True

@@ -1,0 +1,118 @@
+"""The cache's file: created at schema version 1, reopened with its data, guarded against
+files it must not touch, and ready for a version 2."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from offline_cache import Cache, SchemaError
+from offline_cache import schema as schema_module
+from offline_cache.events import EventStore, read_events
+from offline_cache.schema import SCHEMA_VERSION, connect, migrate, user_version
+
+
+def test_fresh_file_has_the_full_schema_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "gate.db"
+    with Cache(path):
+        pass
+    db = sqlite_utils.Database(path)
+    assert user_version(db) == SCHEMA_VERSION == 1
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert {"products", "tickets", "usage", "blocks", "zones", "sync_state", "outbox"} <= set(
+        db.table_names()
+    )
+    db.close()
+
+
+def test_reopening_keeps_the_data_and_does_not_migrate_again(tmp_path: Path) -> None:
+    path = tmp_path / "gate.db"
+    with Cache(path) as cache:
+        cache.apply_delta(0, 1, [{"id": "P", "zones": ["park"]}], kind="products").result()
+        cache.append("hello", "L1", n=1)
+    with Cache(path) as cache:
+        assert cache.versions()["products"] == 1
+        assert cache.stats()["products"] == 1
+        cache.append("again", None)
+    assert [e.kind for e in read_events(path)] == ["hello", "again"]
+    assert [e.seq for e in read_events(path)] == [1, 2]
+
+
+def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "gate.db"
+    with Cache(path):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaError, match="newer"):
+        Cache(path)
+
+
+def test_a_foreign_file_with_a_user_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE events (seq INTEGER PRIMARY KEY); PRAGMA user_version = 1;")
+    conn.close()
+    with pytest.raises(SchemaError, match="not a gate-agent cache"):
+        Cache(path)
+
+
+def test_a_second_migration_runs_once_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gate.db"
+    with Cache(path) as cache:
+        cache.append("before", None)
+
+    def v2(db: sqlite_utils.Database) -> None:
+        db.execute("ALTER TABLE zones ADD COLUMN note TEXT")
+
+    monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, v2))
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
+    db = connect(path, writer=True)
+    assert migrate(db) == 1
+    assert user_version(db) == 2
+    assert "note" in db["zones"].columns_dict
+    assert migrate(db) == 2
+    db.close()
+    assert [e.kind for e in read_events(path)] == ["before"]
+
+
+def test_a_failing_migration_leaves_the_previous_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gate.db"
+    with Cache(path):
+        pass
+
+    def broken(db: sqlite_utils.Database) -> None:
+        db.execute("ALTER TABLE zones ADD COLUMN half TEXT")
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, broken))
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
+    db = connect(path, writer=True)
+    with pytest.raises(RuntimeError):
+        migrate(db)
+    assert user_version(db) == 1
+    assert "half" not in db["zones"].columns_dict
+    db.close()
+
+
+def test_the_event_store_name_still_works(tmp_path: Path) -> None:
+    """agent/daemon.py still says EventStore(path).start/append/stats/close."""
+    store = EventStore(tmp_path / "events.db")
+    store.start()
+    event_id = store.append("daemon_started", None, version="0.1.0", pid=1)
+    store.close()
+    [event] = read_events(tmp_path / "events.db")
+    assert (event.id, event.kind, event.data) == (
+        event_id,
+        "daemon_started",
+        {"pid": 1, "version": "0.1.0"},
+    )
+    assert store.stats()["written"] >= 1
