@@ -15,12 +15,13 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help system-deps venv lint test demo bench clean
+.PHONY: help system-deps venv lint test demo bench soak clean
 
 help:
 	@echo "make test         set up, then ruff, mypy and the whole test suite"
 	@echo "make demo         set up, then run the simulated gate scenario"
 	@echo "make bench        set up, then run the benchmarks"
+	@echo "make soak         set up, then SIGKILL the daemon 500 times during passages"
 	@echo "make lint         set up, then ruff and mypy only"
 	@echo "make venv         Debian packages, $(VENV) and the project with its dev extras"
 	@echo "make system-deps  Debian packages only: $(SYSTEM_PACKAGES)"
@@ -73,6 +74,11 @@ demo: venv
 
 bench: venv
 	$(PYTHON) -m tests.bench
+	$(PYTHON) -m tests.bench_cache
+
+# Longer crash soak than `make test` runs: 500 SIGKILLs of the daemon during passages.
+soak: venv
+	GATE_CRASH_KILLS=500 $(PYTHON) -m pytest -q -s tests/test_crash.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis

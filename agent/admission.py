@@ -73,8 +73,8 @@ class Admission:
         """Decide without admitting anyone (gatectl cache lookup)."""
         if len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES:
             return bad_code(point)
-        situation = self.cache.situation(code, point, self._now())
-        return decide(situation, point, self._now(), self.policy)
+        now = self._now()
+        return decide(self.cache.situation(code, point, now), point, now, self.policy)
 
     def present(self, lane: Lane, code: str, direction: str) -> tuple[Decision, str]:
         """A credential at a lane; returns the decision and what the lane did."""

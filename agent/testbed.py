@@ -61,6 +61,7 @@ class Testbed:
         log_format: str = "text",
         config_file: Path | None = None,
         tcp_port: int = 0,
+        extra_toml: str = "",
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,7 @@ class Testbed:
         self.ctl_socket = self.dir / "ctl.sock"
         self.state_dir = self.dir / "state"
         self.config_file = config_file
+        self.extra_toml = extra_toml
         self.tcp_port = tcp_port
         self.config_path = config_file or self.dir / "gate.toml"
         self.sim_proc: subprocess.Popen[bytes] | None = None
@@ -175,6 +177,7 @@ class Testbed:
             lines.append("")
         for kind in ("emergency_button", "fire"):
             lines += ["[[safety.inputs]]", f'kind = "{kind}"', 'board = "board-1"', ""]
+        lines.append(self.extra_toml)
         self.config_path.write_text("\n".join(lines))
         return self.config_path
 

@@ -18,8 +18,8 @@ from offline_cache.schema import RETIRED, STAGING, TICKET_COLUMNS, ticket_index_
 from offline_cache.values import DeltaResult, Problem, SnapshotResult
 from offline_cache.writer import LargeFn, Writer
 
-ROWS_PER_STEP = 2000
-"""Rows per transaction when loading or importing: ~10-15 ms, the most a passage commit
+ROWS_PER_STEP = 1000
+"""Rows per transaction when loading or importing: a few ms, the most a passage commit
 waits behind a snapshot chunk."""
 MAX_PROBLEMS = 100
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 """Small jobs per group-commit transaction (a burst of 500 events is one fsync)."""
+CHECKPOINT_EVERY_S = 0.5
+"""At most one WAL checkpoint per interval, on its own thread (see ``_checkpoints``)."""
 NEAR_FULL = 0.8
 REARM = 0.7
 BACKOFF_MAX_S = 5.0
@@ -88,9 +90,23 @@ def _fail(job: _Job, exc: BaseException) -> None:
 class Writer:
     """Owns the write connection and everything that changes the file."""
 
-    def __init__(self, db: sqlite_utils.Database, *, max_events: int) -> None:
+    def __init__(
+        self,
+        db: sqlite_utils.Database,
+        *,
+        max_events: int,
+        checkpoint_db: sqlite_utils.Database | None = None,
+    ) -> None:
         self.db = db
         self.max_events = max_events
+        self._checkpoint_db = checkpoint_db
+        self._checkpoint_due = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if checkpoint_db is not None:
+            # Checkpoints move to their own thread: run by the committing connection they
+            # copy ~4 MB and fsync the db file inside a passage commit (measured: commit
+            # p99 66 ms while a snapshot loads). PASSIVE runs alongside the writer.
+            db.execute("PRAGMA wal_autocheckpoint=0")
         self._cv = threading.Condition()
         self._small: deque[_Job] = deque()
         self._large: deque[_Job] = deque()
@@ -141,6 +157,29 @@ class Writer:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
             self._thread.start()
+        if self._checkpointer is None and self._checkpoint_db is not None:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoints, name="cache-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
+
+    def _checkpoints(self) -> None:
+        """Copy committed WAL frames into the db file, at most every CHECKPOINT_EVERY_S."""
+        db = self._checkpoint_db
+        assert db is not None
+        try:
+            while True:
+                self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                if self._stopping and self._thread is not None and not self._thread.is_alive():
+                    return
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.debug("cache checkpoint: %s", exc)
+                self._wake.wait(CHECKPOINT_EVERY_S)
+        finally:
+            db.close()
 
     @property
     def alive(self) -> bool:
@@ -165,6 +204,9 @@ class Writer:
         if thread.is_alive():
             log.error("cache writer: %d jobs still unwritten at shutdown", self.queued)
             return False
+        if self._checkpointer is not None:
+            self._checkpoint_due.set()
+            self._checkpointer.join(timeout_s)
         return True
 
     # --- submitting (any thread) ----------------------------------------------------------
@@ -349,6 +391,7 @@ class Writer:
             self._retry_later([j for j, _ in ran], exc)
             return
         self._recovered()
+        self._checkpoint_due.set()
         self._after(ran)
 
     def _after(self, ran: list[tuple[_Job, Any]]) -> None:
@@ -389,6 +432,7 @@ class Writer:
             log.warning("cache writer: %s failed: %r", job.what, exc)
             _fail(job, exc)
             return
+        self._checkpoint_due.set()
         self._after([])
         if finished:
             self._current = None

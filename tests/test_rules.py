@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pytest
 
 from agent.gate.core import _REFUSAL
+from verify import rules
 from verify.model import (
     Block,
     Decision,
@@ -64,6 +65,7 @@ ENTRY_RULES = (
     "capacity",
 )
 EXIT_RULES = ("unknown", "exit")
+ReentryMode = Literal["never", "after_exit", "after_minutes", "always"]
 
 
 def ticket(**changes: Any) -> Ticket:
@@ -112,9 +114,9 @@ def left(**changes: Any) -> Usage:
     return used(last_exit_at=NOW - HOUR + 10 * MIN, inside=False, **changes)
 
 
-def reentry(mode: str, minutes: float = 0.0) -> Product:
+def reentry(mode: ReentryMode, minutes: float = 0.0) -> Product:
     """The park product with its own re-entry policy (overriding the site's)."""
-    return replace(PARK, reentry=ReentryPolicy(mode=cast(Any, mode), minutes=minutes))
+    return replace(PARK, reentry=ReentryPolicy(mode=mode, minutes=minutes))
 
 
 def site(**changes: Any) -> Policy:
@@ -123,6 +125,8 @@ def site(**changes: Any) -> Policy:
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the table: a situation at a point and a time, and the decision expected."""
+
     name: str
     situation: Situation
     allowed: bool
@@ -133,50 +137,39 @@ class Row:
     policy: Policy = SITE
 
 
-def row(
-    name: str,
-    situation: Situation,
-    allowed: bool,
-    reason: Reason,
-    remaining: int | None = None,
-    **where: Any,
-) -> Row:
-    return Row(name, situation, allowed, reason, remaining, **where)
-
-
 OK, DENY = True, False
 ALWAYS = reentry("always")
 
 ROWS = [
     # 1. unknown
-    row("plain ticket enters", sit(), OK, Reason.OK),
-    row("no ticket with this code", Situation(ticket=None), DENY, Reason.UNKNOWN),
-    row("product not in the cache", sit(product=None), DENY, Reason.UNKNOWN),
-    row("product of another ticket", sit(product=COMBO), DENY, Reason.UNKNOWN),
-    row("exit with no ticket", Situation(ticket=None), DENY, Reason.UNKNOWN, point=EXIT),
-    row("exit with no product", sit(product=None), DENY, Reason.UNKNOWN, point=EXIT),
+    Row("plain ticket enters", sit(), OK, Reason.OK),
+    Row("no ticket with this code", Situation(ticket=None), DENY, Reason.UNKNOWN),
+    Row("product not in the cache", sit(product=None), DENY, Reason.UNKNOWN),
+    Row("product of another ticket", sit(product=COMBO), DENY, Reason.UNKNOWN),
+    Row("exit with no ticket", Situation(ticket=None), DENY, Reason.UNKNOWN, point=EXIT),
+    Row("exit with no product", sit(product=None), DENY, Reason.UNKNOWN, point=EXIT),
     # 2. exit: nobody is kept inside
-    row("exit", sit(usage=used()), OK, Reason.OK_EXIT, point=EXIT),
-    row("exit revoked", sit(ticket(status="revoked")), OK, Reason.OK_EXIT, point=EXIT),
-    row("exit refunded", sit(ticket(status="refunded")), OK, Reason.OK_EXIT, point=EXIT),
-    row(
+    Row("exit", sit(usage=used()), OK, Reason.OK_EXIT, point=EXIT),
+    Row("exit revoked", sit(ticket(status="revoked")), OK, Reason.OK_EXIT, point=EXIT),
+    Row("exit refunded", sit(ticket(status="refunded")), OK, Reason.OK_EXIT, point=EXIT),
+    Row(
         "exit blocked",
         sit(blocks=(Block("ticket", "t-1"),)),
         OK,
         Reason.OK_EXIT,
         point=EXIT,
     ),
-    row("exit expired", sit(ticket(valid_to=NOW - DAY)), OK, Reason.OK_EXIT, point=EXIT),
-    row("exit slot long over", sit(slotted()), OK, Reason.OK_EXIT, point=EXIT, now=NOW + DAY / 2),
-    row("exit clock behind", sit(cloud_time=NOW + DAY), OK, Reason.OK_EXIT, point=EXIT),
-    row(
+    Row("exit expired", sit(ticket(valid_to=NOW - DAY)), OK, Reason.OK_EXIT, point=EXIT),
+    Row("exit slot long over", sit(slotted()), OK, Reason.OK_EXIT, point=EXIT, now=NOW + DAY / 2),
+    Row("exit clock behind", sit(cloud_time=NOW + DAY), OK, Reason.OK_EXIT, point=EXIT),
+    Row(
         "exit zone not in product",
         sit(),
         OK,
         Reason.OK_EXIT,
         point=Point("X9", "lake", "exit"),
     ),
-    row(
+    Row(
         "exit used up, held, full",
         sit(combo(), COMBO, usage=used(entries=1), held=1, occupancy=5, capacity=5),
         OK,
@@ -184,91 +177,91 @@ ROWS = [
         point=EXIT,
     ),
     # 3. status
-    row("revoked", sit(ticket(status="revoked")), DENY, Reason.REVOKED),
-    row("refunded", sit(ticket(status="refunded")), DENY, Reason.REFUNDED),
-    row("status this version does not know", sit(ticket(status="unpaid")), DENY, Reason.ERROR),
-    row(
+    Row("revoked", sit(ticket(status="revoked")), DENY, Reason.REVOKED),
+    Row("refunded", sit(ticket(status="refunded")), DENY, Reason.REFUNDED),
+    Row("status this version does not know", sit(ticket(status="unpaid")), DENY, Reason.ERROR),
+    Row(
         "revoked before blocked",
         sit(ticket(status="revoked"), blocks=(Block("ticket", "t-1"),)),
         DENY,
         Reason.REVOKED,
     ),
     # 4. blocklist
-    row("ticket blocked", sit(blocks=(Block("ticket", "t-1", "fraud"),)), DENY, Reason.BLOCKED),
-    row("holder blocked", sit(blocks=(Block("holder", "h-alice"),)), DENY, Reason.BLOCKED),
-    row(
+    Row("ticket blocked", sit(blocks=(Block("ticket", "t-1", "fraud"),)), DENY, Reason.BLOCKED),
+    Row("holder blocked", sit(blocks=(Block("holder", "h-alice"),)), DENY, Reason.BLOCKED),
+    Row(
         "holder block, ticket without holder",
         sit(ticket(holder_hash=None), blocks=(Block("holder", "h-alice"),)),
         OK,
         Reason.OK,
     ),
-    row(
+    Row(
         "other ticket and holder blocked",
         sit(blocks=(Block("ticket", "t-2"), Block("holder", "h-bob"))),
         OK,
         Reason.OK,
     ),
-    row(
+    Row(
         "holder hash is not a ticket id",
         sit(blocks=(Block("ticket", "h-alice"), Block("holder", "t-1"))),
         OK,
         Reason.OK,
     ),
-    row(
+    Row(
         "face block is not the rules' business", sit(blocks=(Block("face", "t-1"),)), OK, Reason.OK
     ),
-    row(
+    Row(
         "block until now has ended", sit(blocks=(Block("ticket", "t-1", until=NOW),)), OK, Reason.OK
     ),
-    row(
+    Row(
         "block until a second from now",
         sit(blocks=(Block("ticket", "t-1", until=NOW + 1),)),
         DENY,
         Reason.BLOCKED,
     ),
-    row(
+    Row(
         "ended block and a live one",
         sit(blocks=(Block("ticket", "t-1", until=NOW - 1), Block("holder", "h-alice"))),
         DENY,
         Reason.BLOCKED,
     ),
-    row(
+    Row(
         "blocked before clock",
         sit(blocks=(Block("ticket", "t-1"),), cloud_time=NOW + DAY),
         DENY,
         Reason.BLOCKED,
     ),
     # 5. clock
-    row("clock behind the cloud", sit(cloud_time=NOW + 301), DENY, Reason.CLOCK_ERROR),
-    row("clock behind by exactly the tolerance", sit(cloud_time=NOW + 300), OK, Reason.OK),
-    row("clock a minute behind", sit(cloud_time=NOW + MIN), OK, Reason.OK),
-    row("clock ahead of the cloud", sit(cloud_time=NOW - DAY), OK, Reason.OK),
-    row(
+    Row("clock behind the cloud", sit(cloud_time=NOW + 301), DENY, Reason.CLOCK_ERROR),
+    Row("clock behind by exactly the tolerance", sit(cloud_time=NOW + 300), OK, Reason.OK),
+    Row("clock a minute behind", sit(cloud_time=NOW + MIN), OK, Reason.OK),
+    Row("clock ahead of the cloud", sit(cloud_time=NOW - DAY), OK, Reason.OK),
+    Row(
         "clock with no tolerance",
         sit(cloud_time=NOW + 1),
         DENY,
         Reason.CLOCK_ERROR,
         policy=site(clock_tolerance_s=0.0),
     ),
-    row(
+    Row(
         "clock before validity: expired looks valid to a clock gone back",
         sit(ticket(valid_to=NOW + MIN), cloud_time=NOW + DAY),
         DENY,
         Reason.CLOCK_ERROR,
     ),
     # 6. validity
-    row("a second before valid_from", sit(ticket(valid_from=NOW + 1)), DENY, Reason.NOT_YET_VALID),
-    row("exactly valid_from", sit(ticket(valid_from=NOW)), OK, Reason.OK),
-    row("exactly valid_to", sit(ticket(valid_to=NOW)), OK, Reason.OK),
-    row("a second after valid_to", sit(ticket(valid_to=NOW - 1)), DENY, Reason.EXPIRED),
-    row("expired before slot", sit(slotted(valid_to=NOW - 1)), DENY, Reason.EXPIRED),
+    Row("a second before valid_from", sit(ticket(valid_from=NOW + 1)), DENY, Reason.NOT_YET_VALID),
+    Row("exactly valid_from", sit(ticket(valid_from=NOW)), OK, Reason.OK),
+    Row("exactly valid_to", sit(ticket(valid_to=NOW)), OK, Reason.OK),
+    Row("a second after valid_to", sit(ticket(valid_to=NOW - 1)), DENY, Reason.EXPIRED),
+    Row("expired before slot", sit(slotted(valid_to=NOW - 1)), DENY, Reason.EXPIRED),
     # 7. time slot, site grace 600 s
-    row("slot: before the grace", sit(slotted()), DENY, Reason.TOO_EARLY, now=SLOT_START - 601),
-    row("slot: grace opens", sit(slotted()), OK, Reason.OK, now=SLOT_START - 600),
-    row("slot: inside", sit(slotted()), OK, Reason.OK, now=SLOT_START + HOUR),
-    row("slot: grace closes", sit(slotted()), OK, Reason.OK, now=SLOT_END + 600),
-    row("slot: after the grace", sit(slotted()), DENY, Reason.TOO_LATE, now=SLOT_END + 601),
-    row(
+    Row("slot: before the grace", sit(slotted()), DENY, Reason.TOO_EARLY, now=SLOT_START - 601),
+    Row("slot: grace opens", sit(slotted()), OK, Reason.OK, now=SLOT_START - 600),
+    Row("slot: inside", sit(slotted()), OK, Reason.OK, now=SLOT_START + HOUR),
+    Row("slot: grace closes", sit(slotted()), OK, Reason.OK, now=SLOT_END + 600),
+    Row("slot: after the grace", sit(slotted()), DENY, Reason.TOO_LATE, now=SLOT_END + 601),
+    Row(
         "slot: site without grace, a second early",
         sit(slotted()),
         DENY,
@@ -276,7 +269,7 @@ ROWS = [
         now=SLOT_START - 1,
         policy=site(slot_grace_before_s=0.0, slot_grace_after_s=0.0),
     ),
-    row(
+    Row(
         "slot: site without grace, a second late",
         sit(slotted()),
         DENY,
@@ -284,56 +277,56 @@ ROWS = [
         now=SLOT_END + 1,
         policy=site(slot_grace_before_s=0.0, slot_grace_after_s=0.0),
     ),
-    row(
+    Row(
         "slot: product grace 0 overrides site 600",
         sit(slotted(), replace(PARK, slot_grace_before_s=0.0, slot_grace_after_s=0.0)),
         DENY,
         Reason.TOO_EARLY,
         now=SLOT_START - 1,
     ),
-    row(
+    Row(
         "slot: product grace 0, exactly the start",
         sit(slotted(), replace(PARK, slot_grace_before_s=0.0)),
         OK,
         Reason.OK,
         now=SLOT_START,
     ),
-    row(
+    Row(
         "slot: product grace 30 min after, at its edge",
         sit(slotted(), replace(PARK, slot_grace_after_s=30 * MIN)),
         OK,
         Reason.OK,
         now=SLOT_END + 30 * MIN,
     ),
-    row(
+    Row(
         "slot: product grace 30 min after, a second past",
         sit(slotted(), replace(PARK, slot_grace_after_s=30 * MIN)),
         DENY,
         Reason.TOO_LATE,
         now=SLOT_END + 30 * MIN + 1,
     ),
-    row(
+    Row(
         "slot: product overrides one side, site grace the other",
         sit(slotted(), replace(PARK, slot_grace_after_s=0.0)),
         OK,
         Reason.OK,
         now=SLOT_START - 600,
     ),
-    row("slot: open end", sit(ticket(slot_start=NOW - DAY / 2)), OK, Reason.OK),
-    row("slot: open start", sit(ticket(slot_end=NOW + 1)), OK, Reason.OK),
-    row("too early before wrong zone", sit(slotted()), DENY, Reason.TOO_EARLY, point=CABLE),
+    Row("slot: open end", sit(ticket(slot_start=NOW - DAY / 2)), OK, Reason.OK),
+    Row("slot: open start", sit(ticket(slot_end=NOW + 1)), OK, Reason.OK),
+    Row("too early before wrong zone", sit(slotted()), DENY, Reason.TOO_EARLY, point=CABLE),
     # 8. zone
-    row("zone not in product", sit(), DENY, Reason.WRONG_ZONE, point=CABLE),
-    row("combo: park", sit(combo(), COMBO), OK, Reason.OK, 0),
-    row("combo: cable car", sit(combo(), COMBO), OK, Reason.OK, 1, point=CABLE),
-    row(
+    Row("zone not in product", sit(), DENY, Reason.WRONG_ZONE, point=CABLE),
+    Row("combo: park", sit(combo(), COMBO), OK, Reason.OK, 0),
+    Row("combo: cable car", sit(combo(), COMBO), OK, Reason.OK, 1, point=CABLE),
+    Row(
         "combo: lake not in it",
         sit(combo(), COMBO),
         DENY,
         Reason.WRONG_ZONE,
         point=Point("K", "lake"),
     ),
-    row(
+    Row(
         "wrong zone before used up",
         sit(combo(max_entries_total=1), COMBO, usage=left(), ticket_entries=1),
         DENY,
@@ -341,8 +334,8 @@ ROWS = [
         point=Point("K", "lake"),
     ),
     # 9. entries: zone, day, total
-    row("combo: park used up", sit(combo(), COMBO, usage=left()), DENY, Reason.ZONE_USED_UP),
-    row(
+    Row("combo: park used up", sit(combo(), COMBO, usage=left()), DENY, Reason.ZONE_USED_UP),
+    Row(
         "combo: park used, cable car still has 2",
         sit(combo(), COMBO, ticket_entries=1, ticket_entries_today=1),
         OK,
@@ -350,7 +343,7 @@ ROWS = [
         1,
         point=CABLE,
     ),
-    row(
+    Row(
         "combo: cable car used once, then again after exit",
         sit(combo(), COMBO, usage=left(), ticket_entries=2),
         OK,
@@ -358,53 +351,53 @@ ROWS = [
         0,
         point=CABLE,
     ),
-    row(
+    Row(
         "combo: cable car used up",
         sit(combo(), COMBO, usage=left(entries=2), ticket_entries=2),
         DENY,
         Reason.ZONE_USED_UP,
         point=CABLE,
     ),
-    row(
+    Row(
         "combo: cable car used up, park still open",
         sit(combo(), COMBO, ticket_entries=2, ticket_entries_today=2),
         OK,
         Reason.OK,
         0,
     ),
-    row(
+    Row(
         "zone limit 0",
         sit(product=replace(PARK, zones={"park": 0})),
         DENY,
         Reason.ZONE_USED_UP,
     ),
-    row(
+    Row(
         "daily limit reached",
         sit(ticket(max_entries_per_day=2), ticket_entries_today=2, ticket_entries=2),
         DENY,
         Reason.DAILY_LIMIT,
     ),
-    row(
+    Row(
         "daily limit, one left",
         sit(ticket(max_entries_per_day=2), ticket_entries_today=1, ticket_entries=5),
         OK,
         Reason.OK,
         0,
     ),
-    row(
+    Row(
         "total limit reached",
         sit(ticket(max_entries_total=3), ticket_entries=3),
         DENY,
         Reason.TOTAL_LIMIT,
     ),
-    row(
+    Row(
         "total limit, three left",
         sit(ticket(max_entries_total=10), ticket_entries=7),
         OK,
         Reason.OK,
         2,
     ),
-    row(
+    Row(
         "remaining is the smallest limit minus this entry",
         sit(
             ticket(max_entries_per_day=3, max_entries_total=10),
@@ -417,13 +410,13 @@ ROWS = [
         Reason.OK,
         1,
     ),
-    row(
+    Row(
         "zone used up before daily limit",
         sit(combo(max_entries_per_day=1), COMBO, usage=left(), ticket_entries_today=1),
         DENY,
         Reason.ZONE_USED_UP,
     ),
-    row(
+    Row(
         "daily limit before total limit",
         sit(
             ticket(max_entries_per_day=1, max_entries_total=1),
@@ -434,100 +427,100 @@ ROWS = [
         Reason.DAILY_LIMIT,
     ),
     # 10. in use: another lane holds the ticket (reserved, not yet committed)
-    row("held at another lane", sit(held=1), DENY, Reason.IN_USE),
-    row(
+    Row("held at another lane", sit(held=1), DENY, Reason.IN_USE),
+    Row(
         "used up before held", sit(combo(), COMBO, usage=left(), held=1), DENY, Reason.ZONE_USED_UP
     ),
-    row("held before re-entry", sit(usage=used(), held=1), DENY, Reason.IN_USE),
+    Row("held before re-entry", sit(usage=used(), held=1), DENY, Reason.IN_USE),
     # 11. re-entry (site: after an exit)
-    row("re-entry without an exit", sit(usage=used()), DENY, Reason.NO_REENTRY),
-    row("re-entry after an exit", sit(usage=left()), OK, Reason.OK),
-    row(
+    Row("re-entry without an exit", sit(usage=used()), DENY, Reason.NO_REENTRY),
+    Row("re-entry after an exit", sit(usage=left()), OK, Reason.OK),
+    Row(
         "exit at the second of the entry counts",
         sit(usage=used(last_exit_at=NOW - HOUR, inside=False)),
         OK,
         Reason.OK,
     ),
-    row(
+    Row(
         "exit older than the last entry",
         sit(usage=used(last_exit_at=NOW - 2 * HOUR, inside=False)),
         DENY,
         Reason.NO_REENTRY,
     ),
-    row(
+    Row(
         "used, last entry time unknown",
         sit(usage=Usage(entries=1, last_exit_at=NOW - MIN)),
         DENY,
         Reason.NO_REENTRY,
     ),
-    row("never: first entry", sit(product=reentry("never")), OK, Reason.OK),
-    row(
+    Row("never: first entry", sit(product=reentry("never")), OK, Reason.OK),
+    Row(
         "never: even after an exit",
         sit(product=reentry("never"), usage=left()),
         DENY,
         Reason.NO_REENTRY,
     ),
-    row(
+    Row(
         "never: used, last entry time unknown",
         sit(product=reentry("never"), usage=Usage(entries=1)),
         DENY,
         Reason.NO_REENTRY,
     ),
-    row(
+    Row(
         "never from the site",
         sit(usage=left()),
         DENY,
         Reason.NO_REENTRY,
         policy=site(reentry=ReentryPolicy("never")),
     ),
-    row(
+    Row(
         "product always overrides site never",
         sit(product=ALWAYS, usage=left()),
         OK,
         Reason.OK,
         policy=site(reentry=ReentryPolicy("never")),
     ),
-    row(
+    Row(
         "after 30 min: a second too soon",
         sit(product=reentry("after_minutes", 30), usage=left(last_entry_at=NOW - 30 * MIN + 1)),
         DENY,
         Reason.REENTRY_TOO_SOON,
     ),
-    row(
+    Row(
         "after 30 min: exactly 30 min",
         sit(product=reentry("after_minutes", 30), usage=left(last_entry_at=NOW - 30 * MIN)),
         OK,
         Reason.OK,
     ),
-    row(
+    Row(
         "after 30 min: no exit needed, anti-passback off",
         sit(product=reentry("after_minutes", 30), usage=used()),
         OK,
         Reason.OK,
         policy=site(anti_passback=False),
     ),
-    row(
+    Row(
         "after 30 min: last entry time unknown",
         sit(product=reentry("after_minutes", 30), usage=Usage(entries=1)),
         DENY,
         Reason.REENTRY_TOO_SOON,
     ),
-    row("always: after an exit", sit(product=ALWAYS, usage=left()), OK, Reason.OK),
+    Row("always: after an exit", sit(product=ALWAYS, usage=left()), OK, Reason.OK),
     # 12. anti-passback
-    row(
+    Row(
         "inside, scanned again at the same lane",
         sit(product=ALWAYS, usage=used()),
         DENY,
         Reason.ALREADY_INSIDE,
     ),
-    row(
+    Row(
         "inside via L1, passed back to L2",
         sit(product=ALWAYS, usage=used(last_lane="L1")),
         DENY,
         Reason.ALREADY_INSIDE,
         point=Point("L2", "park"),
     ),
-    row(
+    Row(
         "anti-passback off",
         sit(product=ALWAYS, usage=used()),
         OK,
@@ -535,41 +528,41 @@ ROWS = [
         point=Point("L2", "park"),
         policy=site(anti_passback=False),
     ),
-    row(
+    Row(
         "inside since yesterday: a new day",
         sit(product=ALWAYS, usage=used(day=YESTERDAY, last_entry_at=NOW - DAY)),
         OK,
         Reason.OK,
     ),
-    row(
+    Row(
         "left the zone", sit(product=ALWAYS, usage=left()), OK, Reason.OK, point=Point("L2", "park")
     ),
-    row(
+    Row(
         "inside before full",
         sit(product=ALWAYS, usage=used(), occupancy=10, capacity=10),
         DENY,
         Reason.ALREADY_INSIDE,
     ),
     # 13. capacity
-    row("zone full", sit(occupancy=500, capacity=500), DENY, Reason.ZONE_FULL),
-    row("zone over full", sit(occupancy=501, capacity=500), DENY, Reason.ZONE_FULL),
-    row("zone one place left", sit(occupancy=499, capacity=500), OK, Reason.OK),
-    row("zone without a cap", sit(occupancy=10**6), OK, Reason.OK),
-    row("zone capacity 0", sit(capacity=0), DENY, Reason.ZONE_FULL),
+    Row("zone full", sit(occupancy=500, capacity=500), DENY, Reason.ZONE_FULL),
+    Row("zone over full", sit(occupancy=501, capacity=500), DENY, Reason.ZONE_FULL),
+    Row("zone one place left", sit(occupancy=499, capacity=500), OK, Reason.OK),
+    Row("zone without a cap", sit(occupancy=10**6), OK, Reason.OK),
+    Row("zone capacity 0", sit(capacity=0), DENY, Reason.ZONE_FULL),
     # fail closed
-    row(
+    Row(
         "broken usage row",
         sit(combo(), COMBO, usage=Usage(entries=cast(int, None))),
         DENY,
         Reason.ERROR,
     ),
-    row(
+    Row(
         "broken limit",
         sit(ticket(max_entries_total=cast(int, "3")), ticket_entries=1),
         DENY,
         Reason.ERROR,
     ),
-    row(
+    Row(
         "a time past the calendar",
         sit(ticket(valid_to=float("inf"))),
         DENY,
@@ -608,6 +601,15 @@ def test_steps_follow_the_documented_order(r: Row) -> None:
         assert tuple(names) == ENTRY_RULES
     if d.reason is Reason.OK_EXIT:
         assert tuple(names) == EXIT_RULES
+
+
+def test_the_engine_docstring_lists_the_same_order() -> None:
+    listed = re.findall(r"^\s*\d+\.\s+(\S+(?: \S+)?)\s{2,}", rules.__doc__ or "", re.M)
+    names = [n.replace("-", "").replace(" ", "_") for n in listed]
+    aliases = {"time_slot": "slot", "antipassback": "anti_passback"}
+    names = [aliases.get(n, n) for n in names]
+    assert names[:2] == list(EXIT_RULES)
+    assert [names[0], *names[2:]] == list(ENTRY_RULES)
 
 
 def test_every_engine_reason_has_a_row() -> None:

@@ -164,7 +164,8 @@ class Decision:
     ticket_id: str | None = None
     zone: str | None = None
     remaining: int | None = None
-    """Entries left in this zone after this one (None: no limit)."""
+    """Entries left after this one: the smallest of the zone's, today's and the ticket's
+    total allowance (None: no limit applies)."""
     prompt_zh: str = ""
     prompt_en: str = ""
     steps: tuple[Step, ...] = field(default=(), compare=False)
