@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here so that check-config stays fast and free of driver imports.
     from agent import logs
     from agent.daemon import Daemon
+    from offline_cache.errors import CacheError
 
     try:
         site = load_config(args.config)
@@ -46,7 +47,13 @@ def _run(args: argparse.Namespace) -> int:
     # controller in the field misbehaves.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logs.setup(args.log_level or d.log_level, args.log_format or d.log_format)
-    daemon = Daemon(site, state_dir=args.state_dir, control_socket=args.control_socket)
+    try:
+        daemon = Daemon(site, state_dir=args.state_dir, control_socket=args.control_socket)
+    except (CacheError, OSError) as exc:
+        # A missing/unsafe site key or an unusable database: say so plainly, exit non-zero;
+        # the board's watchdog keeps the lanes in their fail state meanwhile.
+        print(f"gate-agent: cannot start: {exc}", file=sys.stderr)
+        return 2
     return asyncio.run(daemon.run())
 
 

@@ -345,6 +345,13 @@ def _cross_check(cfg: GateConfig, base: Path) -> tuple[list[str], Site | None]:
                 bad(f"lanes[{i}].io", f"coil {addr}", f"a coil not also used by lane {other!r}")
             used[(lane.board, addr)] = lane.id
 
+    zone_names = [z.name for z in cfg.zones]
+    unique("zones", "name", zone_names)
+    if zone_names:
+        for i, lane in enumerate(cfg.lanes):
+            if lane.zone not in zone_names:
+                bad(f"lanes[{i}].zone", lane.zone, f"one of the zones {sorted(zone_names)}")
+
     safety: dict[str, list[tuple[str, InputPoint]]] = {}
     for i, inp in enumerate(cfg.safety.inputs):
         preset = presets.get(inp.board)

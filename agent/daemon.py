@@ -36,6 +36,21 @@ log = logging.getLogger(__name__)
 ALIVE_WITHIN_S = 1.0
 
 
+def key_path(configured: Path) -> Path:
+    """The site key file, or systemd's copy of it when the unit loads it as a credential.
+
+    The key file is root-only and the daemon is not root: ``LoadCredential=site.key:PATH``
+    lets systemd read it and hand the daemon a private copy in $CREDENTIALS_DIRECTORY.
+    """
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        for name in (configured.name, "site.key"):
+            candidate = Path(creds) / name
+            if candidate.is_file():
+                return candidate
+    return configured
+
+
 def _board_specs(site: Site) -> dict[str, list[BoardSpec]]:
     """Per bus: the boards on it with the address blocks their lanes and inputs use."""
     by_bus: dict[str, list[BoardSpec]] = {}
@@ -91,7 +106,7 @@ class Daemon:
             clock_tolerance_s=adm.clock_tolerance_s,
             utc_offset_s=round(adm.utc_offset_hours * 3600),
         )
-        site_key = load_site_key(adm.holder_key_file) if adm.holder_key_file else None
+        site_key = load_site_key(key_path(adm.holder_key_file)) if adm.holder_key_file else None
         self.cache = Cache(
             self.state_dir / "gate.db",
             policy=self.policy,

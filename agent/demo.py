@@ -8,6 +8,7 @@ with ``config/demo.toml``, then drives both the way a visitor and a technician w
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "demo.toml"
 
 WHAT = {
+    "denied": "REFUSED",
     "unlocked": "unlocked",
     "unlock_refused": "REFUSED",
     "passage": "passage counted",
@@ -76,6 +78,8 @@ class Scene:
             if ev.seq <= self.seq:
                 continue
             self.seq = ev.seq
+            if ev.kind == "audit" and ev.data.get("cmd") == "present":
+                continue  # the scan itself is shown with the lane's screen
             if ev.kind == "audit":
                 result = "ok" if ev.data.get("ok") else f"refused: {ev.data.get('error')}"
                 print(f"   gatectl {command_line(ev.data)} (uid {ev.data['uid']}) -> {result}")
@@ -102,16 +106,76 @@ class Scene:
         return run
 
 
+def demo_tickets(now: float) -> list[dict[str, object]]:
+    """What a site would import before its cloud is connected: products and tickets."""
+    day = 86400
+    return [
+        {"type": "product", "id": "day", "name": "Day ticket", "zones": {"park": 1}},
+        {
+            "type": "ticket",
+            "id": "t-123",
+            "code": "OTA-2026-000123",
+            "channel": "ota",
+            "product_id": "day",
+            "valid_from": now - day,
+            "valid_to": now + day,
+        },
+        {
+            "type": "ticket",
+            "id": "t-007",
+            "code": "WIN-2026-000007",
+            "channel": "window",
+            "product_id": "day",
+            "valid_from": now - 3 * day,
+            "valid_to": now - day,
+        },
+        {
+            "type": "ticket",
+            "id": "t-4242",
+            "code": "MINI-2026-004242",
+            "channel": "miniapp",
+            "product_id": "day",
+            "valid_from": now - day,
+            "valid_to": now + day,
+            "status": "refunded",
+        },
+    ]
+
+
 def play(tb: Testbed) -> None:
     sim = tb.sim
     s = Scene(tb)
     s.report()
 
+    tickets = tb.dir / "tickets.jsonl"
+    tickets.write_text("\n".join(json.dumps(r) for r in demo_tickets(time.time())) + "\n")
+    s.step(
+        "The installer loads tickets without a cloud (gatectl cache import)",
+        lambda: print("   " + tb.gatectl("cache", "import", str(tickets)).stdout.strip()),
+    )
+
+    def scan(lane: str, code: str) -> None:
+        reply = tb.ctl({"cmd": "present", "lane": lane, "code": code, "direction": "entry"})
+        d = reply["decision"]
+        print(f"   {lane} screen: {d['prompt_zh']} / {d['prompt_en']}  [{d['reason']}]")
+
     def ticket_entry() -> None:
+        scan("L1", "OTA-2026-000123")
+        sim.walk(1, "entry")
+
+    s.step("A visitor scans a valid one-entry e-ticket at L1 and walks through", ticket_entry)
+    s.step("The same ticket is scanned again at L2", lambda: scan("L2", "OTA-2026-000123"))
+    s.step(
+        "An expired ticket and a refunded one",
+        lambda: (scan("L1", "WIN-2026-000007"), scan("L2", "MINI-2026-004242")),
+    )
+    s.step("A code the gate has never seen", lambda: scan("L1", "NOT-A-TICKET"))
+
+    def staff_entry() -> None:
         s.gatectl("open", "L1", "entry")()
         sim.walk(1, "entry")
 
-    s.step("A visitor with a valid ticket enters through L1", ticket_entry)
+    s.step("A technician lets a guest in through L1 (gatectl open)", staff_entry)
 
     def leaving() -> None:
         s.gatectl("open", "L2", "exit")()

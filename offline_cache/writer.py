@@ -256,6 +256,9 @@ class Writer:
         self, event_id: str, ts: float, kind: str, lane: str | None, data: str
     ) -> tuple[int, str, str]:
         """Append one event to the chain; returns (seq, prev_hash, hash)."""
+        # The column types decide what verify_chain reads back (REAL, TEXT): hash exactly that.
+        ts, kind = float(ts), str(kind)
+        lane = None if lane is None else str(lane)
         o = self.outbox
         seq, prev = o.seq + 1, o.hash
         digest = chain_hash(prev, event_canonical(event_id, seq, ts, kind, lane, data))

@@ -233,3 +233,11 @@ def test_odd_event_data_is_stored_as_text_not_refused(cache: Cache) -> None:
     [event] = read_events(cache.path)
     assert event.data == {"nan": "nan", "path": "/x", "key": {"(1, 2)": "t"}}
     assert verify_chain(cache.path).ok
+
+
+def test_odd_lane_and_time_types_still_verify(cache: Cache) -> None:
+    cache.append("audit", 7)  # type: ignore[arg-type]
+    fill(cache, 0)
+    [event] = read_events(cache.path)
+    assert event.lane == "7"
+    assert verify_chain(cache.path).ok

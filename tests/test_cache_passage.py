@@ -174,6 +174,14 @@ def test_a_failed_event_insert_rolls_the_usage_back(cache: Cache) -> None:
     assert verify_chain(cache.path).ok
 
 
+def test_a_whole_second_passage_time_chains_like_any_other(cache: Cache) -> None:
+    reservation = cache.reserve(present(cache, "code-multi", L1), L1, NOW)
+    assert reservation is not None
+    event = cache.commit(reservation.id, int(NOW)).result(timeout=5)  # type: ignore[arg-type]
+    assert event.ts == float(int(NOW))
+    assert verify_chain(cache.path).ok
+
+
 def test_unknown_or_repeated_commits_are_refused(cache: Cache) -> None:
     with pytest.raises(UnknownReservation):
         cache.commit("no-such-reservation", NOW).result(timeout=5)

@@ -111,7 +111,9 @@ def test_decisions_keep_running_while_a_snapshot_applies(cache: Cache) -> None:
     worker.join()
     assert result[0].status == "applied"
     assert lookups > 20
-    assert slowest < 0.05
+    # Never held up by the snapshot as a whole (a 10k-row apply takes ~0.5 s); typical
+    # lookups stay well under a millisecond (offline_cache.bench measures them).
+    assert slowest < 0.25
 
 
 def test_snapshot_versions_are_idempotent_and_never_go_back(cache: Cache) -> None:
