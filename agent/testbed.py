@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from agent.control import request
 from drivers.sim.client import SimClient
-from offline_cache.events import StoredEvent, read_events
+from offline_cache import StoredEvent, read_events
 
 Transport = Literal["tcp", "rtu"]
 

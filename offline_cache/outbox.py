@@ -27,6 +27,8 @@ GENESIS = "0" * 64
 
 @dataclass(frozen=True)
 class StoredEvent:
+    """One outbox row as stored: seq, UUIDv7 id, epoch time, kind, lane, data and its chain."""
+
     seq: int
     id: str
     ts: float

@@ -169,6 +169,7 @@ class _Tally:
         self.done = {"tickets": 0, "products": 0, "blocks": 0, "zones": 0}
 
     def reject(self, index: int, reason: str) -> None:
+        """Count a rejected row; keep its reason among the first MAX_PROBLEMS."""
         self.rejected += 1
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(Problem(index, reason))

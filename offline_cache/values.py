@@ -46,6 +46,8 @@ DeltaStatus = Literal["applied", "duplicate", "gap"]
 
 @dataclass(frozen=True)
 class SnapshotResult:
+    """What ``apply_snapshot`` did."""
+
     status: SnapshotStatus
     """applied; duplicate (this version is already current); stale (older than current);
     rejected (too many bad records: the old tickets stay in force)."""
@@ -59,6 +61,8 @@ class SnapshotResult:
 
 @dataclass(frozen=True)
 class DeltaResult:
+    """What ``apply_delta`` did."""
+
     status: DeltaStatus
     """applied; duplicate (already had it: nothing done); gap (versions missing in between:
     nothing done, request a snapshot)."""
@@ -73,6 +77,8 @@ class DeltaResult:
 
 @dataclass(frozen=True)
 class ImportResult:
+    """Rows written per type by ``import_records``, and the lines it rejected."""
+
     tickets: int = 0
     products: int = 0
     blocks: int = 0

@@ -60,6 +60,7 @@ class OutboxState:
 
     @property
     def depth(self) -> int:
+        """Events stored and not yet acknowledged."""
         return self.seq - self.anchor_seq
 
 
@@ -183,10 +184,12 @@ class Writer:
 
     @property
     def alive(self) -> bool:
+        """True while the writer thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def queued(self) -> int:
+        """Jobs waiting for the writer (including a large job in progress)."""
         return len(self._small) + len(self._large) + (self._current is not None)
 
     def stop(self, timeout_s: float) -> bool:
@@ -242,10 +245,12 @@ class Writer:
         self._callbacks.append(fn)
 
     def get_state(self, key: str, default: Any = None) -> Any:
+        """A value from sync_state (versions, anchor, cloud time, alarm level)."""
         row = self.db.execute("SELECT value FROM sync_state WHERE key = ?", [key]).fetchone()
         return default if row is None else row[0]
 
     def set_state(self, key: str, value: Any) -> None:
+        """Set a sync_state value in the current transaction."""
         self.db.execute(
             "INSERT INTO sync_state (key, value) VALUES (?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -341,7 +346,11 @@ class Writer:
         else:
             log.debug("cache writer: write still failing (%s)", exc)
         self._backoff = min(max(0.05, self._backoff * 2), BACKOFF_MAX_S)
-        self._wake.wait(self._backoff)
+        if self._wake.is_set():
+            # Stopping: keep trying until close() gives up, but without spinning.
+            time.sleep(0.05)
+        else:
+            self._wake.wait(self._backoff)
 
     def _recovered(self) -> None:
         if self._backoff:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from offline_cache import Cache, SchemaError
+from offline_cache import Cache, SchemaError, read_events
 from offline_cache import schema as schema_module
-from offline_cache.events import EventStore, read_events
 from offline_cache.schema import SCHEMA_VERSION, connect, migrate, user_version
 
 
@@ -101,18 +100,3 @@ def test_a_failing_migration_leaves_the_previous_version(
     assert user_version(db) == 1
     assert "half" not in db["zones"].columns_dict
     db.close()
-
-
-def test_the_event_store_name_still_works(tmp_path: Path) -> None:
-    """agent/daemon.py still says EventStore(path).start/append/stats/close."""
-    store = EventStore(tmp_path / "events.db")
-    store.start()
-    event_id = store.append("daemon_started", None, version="0.1.0", pid=1)
-    store.close()
-    [event] = read_events(tmp_path / "events.db")
-    assert (event.id, event.kind, event.data) == (
-        event_id,
-        "daemon_started",
-        {"pid": 1, "version": "0.1.0"},
-    )
-    assert store.stats()["written"] >= 1

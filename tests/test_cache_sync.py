@@ -112,7 +112,7 @@ def test_decisions_keep_running_while_a_snapshot_applies(cache: Cache) -> None:
     assert result[0].status == "applied"
     assert lookups > 20
     # Never held up by the snapshot as a whole (a 10k-row apply takes ~0.5 s); typical
-    # lookups stay well under a millisecond (offline_cache.bench measures them).
+    # lookups stay well under a millisecond (tests/bench_cache.py measures them).
     assert slowest < 0.25
 
 
