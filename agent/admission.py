@@ -80,7 +80,13 @@ class Admission:
         """A credential at a lane; returns the decision and what the lane did."""
         point = self.point(lane.id, direction)
         decision = self.lookup(code, point)
-        if not decision.allowed:
+        reservation = self.cache.reserve(decision, point, self._now()) if decision.allowed else None
+        if decision.allowed and reservation is None:
+            zh, en = PROMPTS[Reason.IN_USE]
+            decision = Decision(
+                False, Reason.IN_USE, decision.ticket_id, point.zone, prompt_zh=zh, prompt_en=en
+            )
+        if reservation is None:
             self.cache.append(
                 "denied",
                 lane.id,
@@ -89,20 +95,6 @@ class Admission:
                 direction=point.direction,
             )
             log.info("lane %s: refused %s", lane.id, decision.reason.value)
-            return decision, "refused"
-        reservation = self.cache.reserve(decision, point, self._now())
-        if reservation is None:
-            zh, en = PROMPTS[Reason.IN_USE]
-            decision = Decision(
-                False, Reason.IN_USE, decision.ticket_id, point.zone, prompt_zh=zh, prompt_en=en
-            )
-            self.cache.append(
-                "denied",
-                lane.id,
-                reason=Reason.IN_USE.value,
-                ticket_id=decision.ticket_id,
-                direction=point.direction,
-            )
             return decision, "refused"
         ok, refusal = lane.unlock(Direction(point.direction), reservation.id)
         if not ok:

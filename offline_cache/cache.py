@@ -46,7 +46,7 @@ from offline_cache.records import (
     ticket_row,
     zone_row,
 )
-from offline_cache.schema import connect, local_day, migrate
+from offline_cache.schema import connect, migrate
 from offline_cache.values import (
     DeltaResult,
     Hold,
@@ -56,7 +56,17 @@ from offline_cache.values import (
     SnapshotResult,
 )
 from offline_cache.writer import Writer
-from verify.model import Block, Decision, Point, Policy, Product, Situation, Ticket, Usage
+from verify.model import (
+    Block,
+    Decision,
+    Point,
+    Policy,
+    Product,
+    Situation,
+    Ticket,
+    Usage,
+    local_day,
+)
 
 log = logging.getLogger(__name__)
 

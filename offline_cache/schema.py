@@ -10,7 +10,6 @@ that has shipped.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,8 +194,3 @@ def migrate(db: sqlite_utils.Database) -> int:
             db.execute("ROLLBACK")
             raise
     return start
-
-
-def local_day(ts: float, utc_offset_s: int) -> str:
-    """The site's local calendar date (YYYY-MM-DD) at epoch time ``ts``."""
-    return time.strftime("%Y-%m-%d", time.gmtime(ts + utc_offset_s))

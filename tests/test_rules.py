@@ -28,8 +28,9 @@ from verify.model import (
     Situation,
     Ticket,
     Usage,
+    local_day,
 )
-from verify.rules import PROMPTS, decide, local_day
+from verify.rules import PROMPTS, decide
 
 CST = timezone(timedelta(hours=8))
 NOW = datetime(2024, 5, 1, 10, 0, tzinfo=CST).timestamp()
@@ -690,7 +691,7 @@ def test_decide_is_pure() -> None:
     ],
 )
 def test_local_day_turns_at_the_sites_midnight(t: float, offset_s: int, day: str) -> None:
-    assert local_day(t, site(utc_offset_s=offset_s)) == day
+    assert local_day(t, site(utc_offset_s=offset_s).utc_offset_s) == day
 
 
 def test_anti_passback_ends_at_the_sites_midnight() -> None:

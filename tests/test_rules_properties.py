@@ -29,8 +29,9 @@ from verify.model import (
     Situation,
     Ticket,
     Usage,
+    local_day,
 )
-from verify.rules import PROMPTS, decide, local_day
+from verify.rules import PROMPTS, decide
 
 NOW = datetime(2024, 5, 1, 10, 0, tzinfo=timezone(timedelta(hours=8))).timestamp()
 DAY = 86400.0
@@ -255,7 +256,7 @@ def check_allowed(case: Case, d: Decision) -> None:
             assert u.last_entry_at is not None
             assert now - u.last_entry_at >= reentry.minutes * 60
     if policy.anti_passback and u.inside:
-        assert u.day != local_day(now, policy)
+        assert u.day != local_day(now, policy.utc_offset_s)
     assert s.capacity is None or s.occupancy < s.capacity
 
 
@@ -290,7 +291,7 @@ def unknown_variants(case: Case) -> list[Case]:
 
 def _day_or_none(now: float, policy: Policy) -> str | None:
     try:
-        return local_day(now, policy)
+        return local_day(now, policy.utc_offset_s)
     except (OverflowError, ValueError, OSError):
         return None  # a time past the calendar: the engine refuses it with error anyway
 

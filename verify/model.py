@@ -7,10 +7,17 @@ Times are Unix epoch seconds (UTC); "today" is the site's local calendar day.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
+
+
+def local_day(ts: float, utc_offset_s: int) -> str:
+    """The site's local calendar date (YYYY-MM-DD) at epoch time ``ts``."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts + utc_offset_s))
+
 
 TicketStatus = Literal["valid", "refunded", "revoked"]
 Direction = Literal["entry", "exit"]

@@ -23,9 +23,7 @@ would otherwise make expired tickets valid again.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-
-from verify.model import Decision, Point, Policy, Reason, Situation, Step
+from verify.model import Decision, Point, Policy, Reason, Situation, Step, local_day
 
 PROMPTS: dict[Reason, tuple[str, str]] = {
     Reason.OK: ("欢迎入园", "Welcome"),
@@ -57,15 +55,6 @@ PROMPTS: dict[Reason, tuple[str, str]] = {
     Reason.IN_USE: ("此票正在使用中", "This ticket is being used at another lane"),
     Reason.ERROR: ("系统错误, 请联系工作人员", "System error, please ask staff"),
 }
-
-
-def local_day(t: float, policy: Policy) -> str:
-    """The site's calendar day (YYYY-MM-DD) of a Unix time."""
-    return (
-        datetime.fromtimestamp(t, timezone(timedelta(seconds=policy.utc_offset_s)))
-        .date()
-        .isoformat()
-    )
 
 
 def _decision(
@@ -174,7 +163,7 @@ def _decide(s: Situation, point: Point, now: float, policy: Policy, steps: list[
     ok("zone", point.zone)
 
     u = s.usage
-    today = local_day(now, policy)
+    today = local_day(now, policy.utc_offset_s)
     zone_limit = product.zones[point.zone]
     left: list[int] = []
     if zone_limit is not None:
