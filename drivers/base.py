@@ -64,3 +64,36 @@ class Bus(Protocol):
 
     def stats(self) -> dict[str, object]:
         """Counters and link state for status output."""
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Something a visitor presented at a reader, as the reader's driver hands it on.
+
+    ``kind`` "qr": ``value`` is the decoded text (a plain code or a signed token).
+    ``kind`` "idcard": ``value`` is the holder's keyed hash; the ID number itself never
+    leaves the driver. ``detail`` carries reader facts without personal data (e.g. the
+    card's validity dates).
+    """
+
+    kind: str
+    value: str
+    reader: str
+    at: float
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+
+CredentialListener = Callable[[Credential], None]
+"""Called on the event loop for every credential read; must not block."""
+
+
+class CredentialReader(Protocol):
+    """A QR scanner, a camera or an ID-card reader: reads until cancelled, never raises."""
+
+    name: str
+
+    async def run(self, listener: CredentialListener) -> None:
+        """Read credentials and hand each to ``listener`` until cancelled."""
+
+    def stats(self) -> dict[str, object]:
+        """Counters and state (connected, reads, errors) for status output."""

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     OK = "ok"
     OK_EXIT = "ok_exit"
     BAD_CODE = "bad_code"
+    BAD_SIGNATURE = "bad_signature"
     UNKNOWN = "unknown"
     REVOKED = "revoked"
     REFUNDED = "refunded"
