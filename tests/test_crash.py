@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.control import DaemonNotRunning, request
 from agent.testbed import Testbed
 from drivers.sim.client import SimClient, SimError
@@ -61,6 +63,7 @@ def check_consistency(db_path: Path) -> int:
     return sum(counted.values())
 
 
+@pytest.mark.timeout(KILLS * 4 + 60)
 def test_sigkill_during_passages_loses_nothing(tmp_path: Path) -> None:
     now = time.time()
     records = [
