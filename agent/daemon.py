@@ -202,7 +202,7 @@ class Daemon:
             },
             "lanes": [lane.status() for lane in self.lanes.values()],
             "buses": [bus.stats() for bus in self.buses],
-            "events": self.cache.stats(),
+            "cache": self.cache.stats(),
         }
 
     def _lane(self, req: dict[str, Any]) -> LaneRunner | None:

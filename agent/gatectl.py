@@ -73,8 +73,17 @@ def print_status(st: dict[str, Any]) -> None:
                 f"bus {bus['bus']} board {name} (unit {b['unit_id']}): link {link}, "
                 f"{b['outages']} outage(s), {faults}"
             )
-    ev = st["events"]
-    print(f"events: {ev['written']} written, {ev['queued']} queued, {ev['failed']} failed")
+    c = st["cache"]
+    o = c["outbox"]
+    alarm = "" if o["alarm"] == "none" else f"  OUTBOX {o['alarm'].upper()}"
+    print(
+        f"events: {c['written']} written, {c['queued']} queued, {c['failed']} failed; "
+        f"outbox {o['depth']} of {o['max_events']}{alarm}"
+    )
+    print(
+        f"cache: {c['tickets']} tickets, {c['products']} products, {c['blocks']} blocks, "
+        f"{c['reservations']} held; writer {'ok' if c['writer_alive'] else 'STOPPED'}"
+    )
 
 
 def print_decision(reply: dict[str, Any], explain: bool) -> None:
