@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from agent.gate.core import Direction
 from verify.model import Decision, Point, Policy, Reason
 from verify.rules import PROMPTS, decide
+from verify.token import KeyRing, looks_like_token, verify_token
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,10 @@ def decision_dict(d: Decision) -> dict[str, Any]:
     return out
 
 
-def bad_code(point: Point) -> Decision:
-    zh, en = PROMPTS[Reason.BAD_CODE]
-    return Decision(False, Reason.BAD_CODE, zone=point.zone, prompt_zh=zh, prompt_en=en)
+def refusal(reason: Reason, point: Point) -> Decision:
+    """A refusal decided before the rules engine (unreadable code, bad signature)."""
+    zh, en = PROMPTS[reason]
+    return Decision(False, reason, zone=point.zone, prompt_zh=zh, prompt_en=en)
 
 
 class Admission:
@@ -59,11 +61,14 @@ class Admission:
         cache: Any,
         zones: Mapping[str, str],
         policy: Policy,
+        keys: KeyRing | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.cache = cache
         self.zones = dict(zones)
         self.policy = policy
+        self.keys = keys or KeyRing()
+        """Trusted token issuers; replaced whole when the cloud pushes new keys."""
         self._now = wall_clock
 
     def point(self, lane_id: str, direction: str) -> Point:
@@ -72,9 +77,17 @@ class Admission:
     def lookup(self, code: str, point: Point) -> Decision:
         """Decide without admitting anyone (gatectl cache lookup)."""
         if len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES:
-            return bad_code(point)
+            return refusal(Reason.BAD_CODE, point)
         now = self._now()
-        return decide(self.cache.situation(code, point, now), point, now, self.policy)
+        if looks_like_token(code):
+            # A token is never looked up as a plain code: its signature is the credential.
+            token = verify_token(code, self.keys, now)
+            if not token.ok or token.ticket is None or token.product is None:
+                return refusal(token.reason or Reason.BAD_SIGNATURE, point)
+            situation = self.cache.situation_for_ticket(token.ticket, token.product, point, now)
+        else:
+            situation = self.cache.situation(code, point, now)
+        return decide(situation, point, now, self.policy)
 
     def present(self, lane: Lane, code: str, direction: str) -> tuple[Decision, str]:
         """A credential at a lane; returns the decision and what the lane did."""

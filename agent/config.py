@@ -165,6 +165,15 @@ class AdmissionConfig(_Model):
     )
 
 
+class TrustedKeyConfig(_Model):
+    """An issuer's Ed25519 public key for signed (GT1) tickets; several allow rotation."""
+
+    issuer: str = Field(min_length=1, max_length=100, description="the site that signs")
+    public_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="32-byte key, hex")
+    not_before: float | None = Field(None, description="epoch seconds the key becomes valid")
+    not_after: float | None = Field(None, description="epoch seconds the key stops verifying")
+
+
 class ZoneConfig(_Model):
     name: str = Field(pattern=NAME, description="zone name used by products and lanes")
     capacity: int | None = Field(None, ge=1, description="most people inside at once")
@@ -175,6 +184,9 @@ class GateConfig(_Model):
     daemon: DaemonConfig = DaemonConfig()
     admission: AdmissionConfig = AdmissionConfig()
     zones: list[ZoneConfig] = Field(default_factory=list)
+    trusted_keys: list[TrustedKeyConfig] = Field(
+        default_factory=list, description="issuers whose signed tickets this gate accepts"
+    )
     buses: list[BusConfig] = Field(min_length=1)
     boards: list[BoardConfig] = Field(min_length=1)
     lanes: list[LaneConfig] = Field(min_length=1)

@@ -30,6 +30,7 @@ from drivers.base import BoardSnapshot
 from drivers.modbus import BoardSpec, BusSettings, ModbusBus, RtuLink, TcpLink
 from offline_cache import Cache, load_site_key
 from verify.model import Policy, ReentryPolicy
+from verify.token import KeyRing, TrustedKey, kid_for
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,18 @@ class Daemon:
             )
             for lane in cfg.lanes
         }
+        keys = KeyRing(
+            TrustedKey(
+                kid_for(bytes.fromhex(k.public_key)),
+                bytes.fromhex(k.public_key),
+                k.issuer,
+                k.not_before,
+                k.not_after,
+            )
+            for k in cfg.trusted_keys
+        )
         self.admission = Admission(
-            self.cache, {lane.id: lane.zone for lane in cfg.lanes}, self.policy
+            self.cache, {lane.id: lane.zone for lane in cfg.lanes}, self.policy, keys
         )
         for runner in self.lanes.values():
             runner.settle = self._settle

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.control import DaemonNotRunning, request
+from agent.token_tool import add_token_commands, run_token_command
 
 DEFAULT_SOCKET = Path("/run/gate-agent/control.sock")
 EXIT_REFUSED = 1
@@ -192,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--direction", default="entry", choices=["entry", "exit"])
     ci = csub.add_parser("import", help="import tickets/products/blocks from a JSON-lines file")
     ci.add_argument("file")
+    add_token_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "token":
+        # Minting and inspecting tokens is local work: no daemon needed.
+        return run_token_command(args)
 
     local_errors: list[str] = []
     if args.command == "cache" and args.action == "import":

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -236,6 +237,8 @@ class Cache:
         self._readers_lock = threading.Lock()
         self._snapshot_lock = threading.Lock()
         self._holds: dict[str, Hold] = {}
+        # Tickets known only from a signed token, between situation_for_ticket and reserve.
+        self._external: dict[str, tuple[Ticket, Product]] = {}
         self._products: dict[str, Product] = {}
         self._products_seen = -1
         self._closed = False
@@ -361,6 +364,27 @@ class Cache:
             return Situation(None, cloud_time=self._cloud_time)
         return self._situation(Ticket(*row), point, now, face_id)
 
+    def situation_for_ticket(
+        self, ticket: Ticket, product: Product, point: Point, now: float
+    ) -> Situation:
+        """The situation of a ticket the cache may never have seen (a signed token).
+
+        Usage and blocks are found by the ticket id like any other; a cached ticket row with
+        the same id that is revoked or refunded wins over the token, so a refund reaches
+        tokens that were issued before it.
+        """
+        try:
+            row = self._reader().execute(_TICKET_BY_ID, [ticket.id]).fetchone()
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
+            raise CacheError(f"ticket lookup failed: {exc}") from exc
+        if row is not None and row[10] != "valid":
+            ticket = replace(ticket, status=row[10])
+        self._external[ticket.id] = (ticket, product)
+        while len(self._external) > 256:
+            # Looked up but never reserved (a refusal, a gatectl lookup): forget the oldest.
+            del self._external[next(iter(self._external))]
+        return replace(self._situation(ticket, point, now, None), product=product)
+
     def _situation(
         self, ticket: Ticket, point: Point, now: float, face_id: str | None
     ) -> Situation:
@@ -431,16 +455,22 @@ class Cache:
             row = self._reader().execute(_TICKET_BY_ID, [ticket_id]).fetchone()
         except (sqlite3.Error, UnicodeEncodeError):
             return None
-        if row is None or row[10] != "valid":
+        external = self._external.pop(ticket_id, None)
+        if row is not None and row[10] != "valid":
             return None
-        ticket = Ticket(*row)
+        if row is not None:
+            ticket, product = Ticket(*row), self._product(row[3])
+        elif external is not None:
+            ticket, product = external
+        else:
+            return None
         same, _, _ = self._held(ticket.id, point.zone, point.direction)
         if same:
             # One person cannot pass two lanes into the same zone at once: the second lane
             # presenting this ticket right now is a shared or copied credential.
             log.info("cache: ticket already held on another lane; refused on %s", point.lane)
             return None
-        if point.direction == "entry" and not self._room_for_entry(ticket, point, now):
+        if point.direction == "entry" and not self._room_for_entry(ticket, product, point, now):
             return None
         reservation = Reservation(
             str(uuid_utils.uuid7()), ticket.id, point.zone, point.lane, point.direction, now
@@ -448,11 +478,12 @@ class Cache:
         self._holds[reservation.id] = Hold(reservation)
         return reservation
 
-    def _room_for_entry(self, ticket: Ticket, point: Point, now: float) -> bool:
+    def _room_for_entry(
+        self, ticket: Ticket, product: Product | None, point: Point, now: float
+    ) -> bool:
         """Limits re-checked with every other lane's uncommitted entries counted as used."""
         s = self._situation(ticket, point, now, None)
         _, ticket_held, _ = self._held(ticket.id, point.zone, "entry")
-        product = s.product
         if product is None or point.zone not in product.zones:
             return False
         zone_limit = product.zones[point.zone]

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from agent.admission import Admission
 from agent.gate.core import Direction
-from agent.testbed import Testbed
+from agent.testbed import Testbed, wait_for
 from offline_cache import Cache, read_events, verify_chain
 from verify.model import Policy, Reason
+from verify.token import KeyRing, TokenClaims, TrustedKey, kid_for, mint_token, public_key_for
 
 NOW = time.time()
 DAY = 86400.0
@@ -220,3 +221,53 @@ def test_any_code_gives_a_decision_and_opens_only_for_a_ticket(
     assert decision.reason in Reason
     if decision.allowed:
         assert code in ("CODE-t1", "CODE-t2")
+
+
+SEED = bytes(range(32))  # a test key, not a secret
+
+
+def token(ticket_id: str, zones: dict[str, int | None], seed: bytes = SEED) -> str:
+    now = int(time.time())
+    claims = TokenClaims(
+        issuer="test-park",
+        ticket_id=ticket_id,
+        product="day",
+        zones=zones,
+        not_before=now - 60,
+        expires=now + 3600,
+        issued_at=now - 60,
+        channel="ota",
+    )
+    return mint_token(claims, seed)
+
+
+def test_a_signed_token_never_synced_is_admitted_once_and_honours_refunds(
+    tmp_path: Path,
+) -> None:
+    public = public_key_for(SEED)
+    keys = KeyRing([TrustedKey(kid_for(public), public, "test-park")])
+    with Cache(tmp_path / "gate.db", policy=Policy()) as cache:
+        adm = Admission(cache, {"A": "park", "B": "park"}, Policy(), keys)
+        a, b = FakeLane("A"), FakeLane("B")
+        code = token("tok-1", {"park": 1})
+        decision, outcome = adm.present(a, code, "entry")
+        assert (outcome, decision.reason) == ("unlocked", Reason.OK)
+        assert adm.present(b, code, "entry")[1] == "refused"  # in use at lane A
+        assert adm.passed(a.auth, time.time())
+        auth = a.auth
+        wait_for(lambda: not cache.holds(auth), 5, "the commit on the writer thread")
+        again, _ = adm.present(b, code, "entry")
+        assert again.reason is Reason.ZONE_USED_UP
+        assert adm.present(a, token("tok-1", {"cable": 1}), "entry")[0].reason is Reason.WRONG_ZONE
+        stranger = token("tok-2", {"park": 1}, seed=bytes(32))
+        assert adm.present(a, stranger, "entry")[0].reason is Reason.BAD_SIGNATURE
+        tampered = code[:-3] + ("A" if code[-3] != "A" else "B") + code[-2:]
+        assert adm.present(a, tampered, "entry")[0].reason in (
+            Reason.BAD_SIGNATURE,
+            Reason.BAD_CODE,
+        )
+        cache.import_records([PRODUCTS[0], {**ticket("tok-3"), "status": "refunded"}])
+        refunded, _ = adm.present(a, token("tok-3", {"park": 1}), "entry")
+        assert refunded.reason is Reason.REFUNDED
+    [passage] = read_events(tmp_path / "gate.db", kind="passage")
+    assert passage.data["ticket_id"] == "tok-1"
