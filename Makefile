@@ -5,9 +5,9 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-# Debian packages the venv, the tests and the demo need. Later issues add:
-# mosquitto mosquitto-clients libzbar0
-SYSTEM_PACKAGES := python3 python3-venv
+# Debian packages the venv, the tests and the demo need (libzbar0: QR decoding via pyzbar).
+# The cloud-sync issue adds mosquitto mosquitto-clients.
+SYSTEM_PACKAGES := python3 python3-venv libzbar0
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -75,6 +75,7 @@ demo: venv
 bench: venv
 	$(PYTHON) -m tests.bench
 	$(PYTHON) -m tests.bench_cache
+	$(PYTHON) -m tests.bench_qr
 
 # Longer crash soak than `make test` runs: 500 SIGKILLs of the daemon during passages.
 soak: venv
