@@ -90,9 +90,33 @@ class Admission:
         return decide(situation, point, now, self.policy)
 
     def present(self, lane: Lane, code: str, direction: str) -> tuple[Decision, str]:
-        """A credential at a lane; returns the decision and what the lane did."""
+        """A code (plain or signed) at a lane; returns the decision and what the lane did."""
         point = self.point(lane.id, direction)
-        decision = self.lookup(code, point)
+        return self._admit(lane, point, self.lookup(code, point))
+
+    def present_holder(
+        self, lane: Lane, holder_hash: str, direction: str, card_problem: str | None
+    ) -> tuple[Decision, str]:
+        """An ID card at a lane: the holder's first real-name ticket the rules allow."""
+        point = self.point(lane.id, direction)
+        if card_problem is not None or not holder_hash:
+            return self._admit(lane, point, refusal(Reason.CARD_INVALID, point))
+        now = self._now()
+        decisions = [
+            decide(self.cache.situation_of(t, point, now), point, now, self.policy)
+            for t in self.cache.holder_tickets(holder_hash)
+        ]
+        allowed = [d for d in decisions if d.allowed]
+        if allowed:
+            decision = allowed[0]
+        elif decisions:
+            decision = decisions[0]
+        else:
+            decision = refusal(Reason.UNKNOWN, point)
+        return self._admit(lane, point, decision)
+
+    def _admit(self, lane: Lane, point: Point, decision: Decision) -> tuple[Decision, str]:
+        """Reserve an allowed entry, unlock the lane, or record the refusal."""
         reservation = self.cache.reserve(decision, point, self._now()) if decision.allowed else None
         if decision.allowed and reservation is None:
             zh, en = PROMPTS[Reason.IN_USE]
@@ -109,10 +133,10 @@ class Admission:
             )
             log.info("lane %s: refused %s", lane.id, decision.reason.value)
             return decision, "refused"
-        ok, refusal = lane.unlock(Direction(point.direction), reservation.id)
+        ok, refusal_reason = lane.unlock(Direction(point.direction), reservation.id)
         if not ok:
-            self.cache.abort(reservation.id, refusal or "refused")
-            return decision, refusal or "refused"
+            self.cache.abort(reservation.id, refusal_reason or "refused")
+            return decision, refusal_reason or "refused"
         return decision, "unlocked"
 
     def passed(self, auth: str | None, at: float) -> bool:

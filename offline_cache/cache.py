@@ -85,6 +85,9 @@ _TICKET_BY_CODE = (
     "FROM tickets WHERE code = ?"
 )
 _TICKET_BY_ID = _TICKET_BY_CODE.replace("WHERE code = ?", "WHERE id = ?")
+_TICKETS_BY_HOLDER = _TICKET_BY_CODE.replace(
+    "WHERE code = ?", "WHERE holder_hash = ? ORDER BY valid_from LIMIT 20"
+)
 _USAGE = (
     "SELECT zone, entries, entries_today, day, last_entry_at, last_exit_at, inside, last_lane "
     "FROM usage WHERE ticket_id = ?"
@@ -363,6 +366,20 @@ class Cache:
         if row is None:
             return Situation(None, cloud_time=self._cloud_time)
         return self._situation(Ticket(*row), point, now, face_id)
+
+    def holder_tickets(self, holder_hash: str) -> list[Ticket]:
+        """The real-name tickets bound to one holder (an ID card's keyed hash)."""
+        if not holder_hash:
+            return []
+        try:
+            rows = self._reader().execute(_TICKETS_BY_HOLDER, [holder_hash]).fetchall()
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
+            raise CacheError(f"holder lookup failed: {exc}") from exc
+        return [Ticket(*row) for row in rows]
+
+    def situation_of(self, ticket: Ticket, point: Point, now: float) -> Situation:
+        """The situation of a cached ticket already looked up (by holder, say)."""
+        return self._situation(ticket, point, now, None)
 
     def situation_for_ticket(
         self, ticket: Ticket, product: Product, point: Point, now: float

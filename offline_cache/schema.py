@@ -60,8 +60,9 @@ def tickets_ddl(table: str) -> str:
         )"""
 
 
-def ticket_index_ddl(table: str, generation: int) -> tuple[str, str]:
-    """Unique indexes on id and code, named by snapshot generation.
+def ticket_index_ddl(table: str, generation: int) -> tuple[str, str, str]:
+    """Unique indexes on id and code, and the holder index for ID cards, named by snapshot
+    generation.
 
     SQLite cannot rename an index and a renamed table keeps its index names, so each
     snapshot's table gets names of its own and the swap never collides with the old ones.
@@ -69,6 +70,9 @@ def ticket_index_ddl(table: str, generation: int) -> tuple[str, str]:
     return (
         f"CREATE UNIQUE INDEX tickets_id_g{generation} ON {table}(id)",
         f"CREATE UNIQUE INDEX tickets_code_g{generation} ON {table}(code)",
+        # Partial: only real-name tickets carry a holder hash.
+        f"CREATE INDEX tickets_holder_g{generation} ON {table}(holder_hash) "
+        "WHERE holder_hash IS NOT NULL",
     )
 
 

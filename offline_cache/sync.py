@@ -126,13 +126,16 @@ def snapshot_finish(
         generation = int(w.get_state("tickets_generation", 0)) + 1
         problems: list[Problem] = []
         dropped = 0
-        for column, sql in zip(("id", "code"), ticket_index_ddl(STAGING, generation), strict=True):
+        by_id, by_code, by_holder = ticket_index_ddl(STAGING, generation)
+        for column, sql in (("id", by_id), ("code", by_code)):
             try:
                 w.db.execute(sql)
             except sqlite3.IntegrityError:
                 dropped += _dedupe(w, column, problems)
                 w.db.execute(sql)
             yield
+        w.db.execute(by_holder)
+        yield
         count: int = w.db.execute(f"SELECT count(*) FROM {STAGING}").fetchone()[0]
         bad = rejected + dropped
         if bad > max_rejected_fraction * (count + bad) or (count == 0 and bad):

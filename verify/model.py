@@ -30,6 +30,7 @@ class Reason(StrEnum):
     OK_EXIT = "ok_exit"
     BAD_CODE = "bad_code"
     BAD_SIGNATURE = "bad_signature"
+    CARD_INVALID = "card_invalid"
     UNKNOWN = "unknown"
     REVOKED = "revoked"
     REFUNDED = "refunded"

@@ -30,6 +30,7 @@ PROMPTS: dict[Reason, tuple[str, str]] = {
     Reason.OK_EXIT: ("欢迎再次光临", "Goodbye, see you again"),
     Reason.BAD_CODE: ("无法识别, 请重新扫码", "Code not readable, please scan again"),
     Reason.BAD_SIGNATURE: ("电子票验证失败", "This e-ticket could not be verified"),
+    Reason.CARD_INVALID: ("身份证无效或已过期", "ID card not valid or expired"),
     Reason.UNKNOWN: (
         "无效票, 请到售票处咨询",
         "Ticket not recognised, please ask at the ticket office",
