@@ -105,6 +105,46 @@ class LaneIOOverride(_Model):
     obstruction: InputSpec | None = None
 
 
+class _ReaderBase(_Model):
+    name: str = Field("", max_length=32, description="reader name in logs and status")
+    direction: Literal["entry", "exit"] = Field(
+        "entry", description="the direction a credential read here opens"
+    )
+
+
+class QrSerialReaderConfig(_ReaderBase):
+    type: Literal["qr-serial"]
+    port: str = Field(min_length=1, description="e.g. /dev/serial/by-id/... or socket://h:p")
+    baudrate: int = Field(9600, ge=1200, le=921600)
+    terminator: Literal["CR", "LF", "CRLF"] = Field("CR", description="what ends each code")
+    prefix: str = Field("", max_length=16, description="stripped from each code if present")
+    suffix: str = Field("", max_length=16, description="stripped from each code if present")
+    max_length: int = Field(2048, ge=16, le=4096, description="longer lines are rejected")
+    debounce_s: float = Field(1.0, ge=0, le=10, description="same code again ignored this long")
+
+
+class CameraReaderConfig(_ReaderBase):
+    type: Literal["camera"]
+    source: str | int = Field(
+        description="V4L2 index or /dev/v4l/by-id path, rtsp:// or http:// URL, video or folder"
+    )
+    max_fps: float = Field(10, gt=0, le=30, description="frames decoded per second at most")
+    scan_density: int = Field(1, ge=1, le=4, description="2 halves decode time, small codes")
+
+
+class IdCardReaderConfig(_ReaderBase):
+    type: Literal["idcard"]
+    port: str = Field(min_length=1, description="serial device of the SAM reader")
+    baudrate: int = Field(115200, ge=9600, le=921600)
+    poll_s: float = Field(0.2, ge=0.05, le=2, description="card detection interval")
+    reread_after_s: float = Field(10, ge=1, le=600, description="a card left on is read again")
+
+
+ReaderConfig = Annotated[
+    QrSerialReaderConfig | CameraReaderConfig | IdCardReaderConfig, Field(discriminator="type")
+]
+
+
 class LaneConfig(_Model):
     id: str = Field(pattern=NAME, description="lane id used by gatectl, events and the cloud")
     board: str = Field(description="name of the board the lane is wired to")
@@ -120,6 +160,9 @@ class LaneConfig(_Model):
         "park", pattern=NAME, description="zone an entry through this lane leads into"
     )
     io: LaneIOOverride = LaneIOOverride()
+    readers: list[ReaderConfig] = Field(
+        default_factory=list, description="QR scanners, cameras, ID-card readers of this lane"
+    )
 
     def timing(self) -> Timing:
         return Timing(
@@ -281,20 +324,20 @@ def _expected(msg: str) -> str:
     return msg.removeprefix("input should be ")
 
 
+_TAGS = frozenset({"modbus-tcp", "modbus-rtu", "qr-serial", "camera", "idcard"})
+
+
 def _format_pydantic(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         # Drop the discriminator tag pydantic inserts into union paths ("buses.0.modbus-tcp.x").
-        loc = tuple(
-            p for p in err["loc"] if not (isinstance(p, str) and p in ("modbus-tcp", "modbus-rtu"))
-        )
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
         if err["type"] == "extra_forbidden":
             lines.append(f"{_loc(loc)}: {_show(err['input'])} — unknown key (not allowed here)")
         elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             tag = err.get("ctx", {}).get("tag", "missing")
-            lines.append(
-                f"{_loc((*loc, 'type'))}: {_show(tag)} — expected modbus-tcp or modbus-rtu"
-            )
+            expected = err.get("ctx", {}).get("expected_tags", "a known type")
+            lines.append(f"{_loc((*loc, 'type'))}: {_show(tag)} — expected one of {expected}")
         elif err["type"] == "missing":
             lines.append(f"{_loc(loc)}: missing — required key")
         else:
@@ -356,6 +399,16 @@ def _cross_check(cfg: GateConfig, base: Path) -> tuple[list[str], Site | None]:
             if other is not None:
                 bad(f"lanes[{i}].io", f"coil {addr}", f"a coil not also used by lane {other!r}")
             used[(lane.board, addr)] = lane.id
+
+    if cfg.admission.holder_key_file is None:
+        for i, lane in enumerate(cfg.lanes):
+            for j, reader in enumerate(lane.readers):
+                if reader.type == "idcard":
+                    bad(
+                        f"lanes[{i}].readers[{j}].type",
+                        "idcard",
+                        "admission.holder_key_file set: ID numbers are hashed with the site key",
+                    )
 
     zone_names = [z.name for z in cfg.zones]
     unique("zones", "name", zone_names)

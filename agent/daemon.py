@@ -26,6 +26,7 @@ from agent.gate.core import Direction, HoldOpen, Kind, Lockout, Report, shutdown
 from agent.gate.monitor import SafetyMonitor
 from agent.lane import LaneRunner
 from agent.notify import Notifier, watchdog_interval
+from agent.readers import LaneReaders, make_reader
 from drivers.base import BoardSnapshot
 from drivers.modbus import BoardSpec, BusSettings, ModbusBus, RtuLink, TcpLink
 from offline_cache import Cache, load_site_key
@@ -173,6 +174,11 @@ class Daemon:
         )
         for runner in self.lanes.values():
             runner.settle = self._settle
+        self.readers = LaneReaders(self.admission)
+        for lane in cfg.lanes:
+            for i, rc in enumerate(lane.readers):
+                reader = make_reader(lane.id, i, rc, site_key, adm.utc_offset_hours)
+                self.readers.add(self.lanes[lane.id], rc.direction, reader)
         stale = max(b.link_timeout_s for b in cfg.buses) + 0.3
         self.monitor = SafetyMonitor(
             self.lanes.values(), site.safety_points, stale, time.monotonic, self._on_latch
@@ -214,6 +220,8 @@ class Daemon:
             "lanes": [lane.status() for lane in self.lanes.values()],
             "buses": [bus.stats() for bus in self.buses],
             "cache": self.cache.stats(),
+            "readers": self.readers.stats(),
+            "last_decisions": self.readers.last,
         }
 
     def _lane(self, req: dict[str, Any]) -> LaneRunner | None:
@@ -363,6 +371,7 @@ class Daemon:
         tasks += [
             asyncio.create_task(lane.run(), name=f"lane-{lane.id}") for lane in self.lanes.values()
         ]
+        tasks += self.readers.tasks()
         tasks.append(asyncio.create_task(self._supervise(), name="supervisor"))
         stop_wait = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -29,6 +29,10 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return str(value)
 
 
@@ -56,6 +60,7 @@ class Testbed:
         transport: Transport = "tcp",
         fail_states: Sequence[str] = ("open", "locked"),
         lane: dict[str, Any] | None = None,
+        lane_readers: dict[int, list[dict[str, Any]]] | None = None,
         bus: dict[str, Any] | None = None,
         watchdog_ms: int = 1000,
         log_format: str = "text",
@@ -74,6 +79,7 @@ class Testbed:
             **(lane or {}),
         }
         self.bus_extra = bus or {}
+        self.lane_readers = lane_readers or {}
         self.watchdog_ms = watchdog_ms
         self.log_format = log_format
         self.sim_socket = self.dir / "sim.sock"
@@ -174,6 +180,8 @@ class Testbed:
                 f'fail_state = "{fail}"',
             ]
             lines += [f"{k} = {_toml(v)}" for k, v in self.lane_extra.items()]
+            if i in self.lane_readers:
+                lines.append(f"readers = {_toml(self.lane_readers[i])}")
             lines.append("")
         for kind in ("emergency_button", "fire"):
             lines += ["[[safety.inputs]]", f'kind = "{kind}"', 'board = "board-1"', ""]
