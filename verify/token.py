@@ -212,7 +212,7 @@ def verify_token(text: str, keys: KeyRing, now: float) -> TokenResult:
         if claims.issuer != issuer:
             raise _Reject(Reason.BAD_SIGNATURE, f"iss {claims.issuer!r} is not this key's issuer")
         ticket, product = _to_ticket(claims)
-        return TokenResult(True, None, "", ticket, product, _describe(claims), kid)
+        return TokenResult(True, None, "", ticket, product, describe_claims(claims), kid)
     except _Reject as rej:
         return TokenResult(False, rej.reason, rej.detail, kid=kid)
     except Exception as exc:  # boundary: a scanned code must never take the lane down
@@ -451,7 +451,7 @@ def _to_ticket(c: TokenClaims) -> tuple[Ticket, Product]:
     return ticket, product
 
 
-def _describe(c: TokenClaims) -> dict[str, Any]:
+def describe_claims(c: TokenClaims) -> dict[str, Any]:
     """The claims as plain JSON-able values, for ``gatectl token inspect`` and test vectors."""
     out: dict[str, Any] = {
         "iss": c.issuer,
@@ -528,7 +528,7 @@ def read_unverified(text: str) -> tuple[bytes | None, dict[str, Any] | None, str
     except Exception as exc:  # boundary: inspecting a broken code must not crash the CLI
         return None, None, f"unexpected {type(exc).__name__}"
     try:
-        return kid, _describe(_decode_claims(payload)), ""
+        return kid, describe_claims(_decode_claims(payload)), ""
     except _Reject as rej:
         return kid, None, rej.detail
     except Exception as exc:  # boundary, as above
