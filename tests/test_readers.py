@@ -7,10 +7,8 @@ locked with their reasons.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,43 +16,17 @@ from pathlib import Path
 import pytest
 
 from agent.testbed import Testbed, wait_for
-from drivers.sim.sam import SimSamReader, synthetic_card, synthetic_id_number
+from drivers.sim.sam import SamReaderThread, synthetic_card, synthetic_id_number
 from drivers.sim.scanner import SimScanner
 
 
-class SamThread:
-    """The simulated SAM reader on an event loop of its own, driven from the test thread."""
-
-    def __init__(self, link: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.sim = SimSamReader()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.call(self.sim.start(str(link)))
-
-    def call(self, coro: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)  # type: ignore[arg-type]
-
-    def do(self, fn: object, *args: object) -> None:
-        async def run() -> None:
-            fn(*args)  # type: ignore[operator]
-
-        self.call(run())
-
-    def close(self) -> None:
-        self.call(self.sim.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 @pytest.fixture
-def gate(tmp_path: Path) -> Iterator[tuple[Testbed, SimScanner, SamThread]]:
+def gate(tmp_path: Path) -> Iterator[tuple[Testbed, SimScanner, SamReaderThread]]:
     key = tmp_path / "site.key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
     scanner = SimScanner(tmp_path / "scanner")
-    sam = SamThread(tmp_path / "sam")
+    sam = SamReaderThread(tmp_path / "sam")
     try:
         with Testbed(
             tmp_path / "gate",
@@ -105,7 +77,7 @@ def gate(tmp_path: Path) -> Iterator[tuple[Testbed, SimScanner, SamThread]]:
 
 
 def test_scanned_code_and_id_card_each_open_their_lane_once(
-    gate: tuple[Testbed, SimScanner, SamThread],
+    gate: tuple[Testbed, SimScanner, SamReaderThread],
 ) -> None:
     tb, scanner, sam = gate
     scanner.scan("OTA-0001")
@@ -113,11 +85,11 @@ def test_scanned_code_and_id_card_each_open_their_lane_once(
     [p1] = tb.wait_event("passage")
     assert (p1.lane, p1.data["ticket_id"]) == ("L1", "qr1")
 
-    sam.do(sam.sim.put_card, synthetic_card(seq=1))
+    sam.put_card(synthetic_card(seq=1))
     assert tb.sim.walk(2, "entry")
     passages = tb.wait_event("passage", count=2)
     assert (passages[1].lane, passages[1].data["ticket_id"]) == ("L2", "rn1")
-    sam.do(sam.sim.remove_card)
+    sam.remove_card()
 
     tb.wait_modes("locked")
     scanner.scan("OTA-0001")
@@ -126,7 +98,7 @@ def test_scanned_code_and_id_card_each_open_their_lane_once(
         5,
         "the second scan refused",
     )
-    sam.do(sam.sim.put_card, synthetic_card(seq=2, expired=True))
+    sam.put_card(synthetic_card(seq=2, expired=True))
     wait_for(
         lambda: tb.status()["last_decisions"].get("L2", {}).get("reason") == "card_invalid",
         5,

@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from drivers.idcard import (
     CMD_FIND,
@@ -31,10 +33,12 @@ from drivers.idcard import (
     build_response,
     checksum,
 )
-from drivers.sim.server import _make_link, _PtyBridge, _remove_link
+from drivers.sim.pty import PtyBridge, make_link, remove_link
 from verify.idnumber import check_char
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SW_SELECT_FAILED = 0x81
 SW_BAD_CHECKSUM = 0x10
@@ -129,7 +133,7 @@ class SimSamReader:
         self.requests: Counter[tuple[int, int]] = Counter()
         self.device: str | None = None
         self._link: str | None = None
-        self._bridge: _PtyBridge | None = None
+        self._bridge: PtyBridge | None = None
         self._fd: int | None = None
         self._assembler = FrameAssembler(min_len=3)
         self._faults: list[_Fault] = []
@@ -146,14 +150,14 @@ class SimSamReader:
 
     def _plug(self) -> None:
         assert self._loop is not None
-        self._bridge = _PtyBridge(self._loop)
+        self._bridge = PtyBridge(self._loop)
         self._fd = os.open(self._bridge.server_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         self._assembler.clear()
         self._out.clear()
         self._loop.add_reader(self._fd, self._on_readable)
         self.device = self._bridge.device
         if self._link:
-            _make_link(self.device, self._link)
+            make_link(self.device, self._link)
 
     def _unplug(self) -> None:
         if self._loop is not None and self._fd is not None:
@@ -166,7 +170,7 @@ class SimSamReader:
             self._bridge.close()
             self._bridge = None
         if self._link and self.device:
-            _remove_link(self.device, self._link)
+            remove_link(self.device, self._link)
 
     def unplug(self) -> None:
         """Pull the USB cable: the device node disappears."""
@@ -341,3 +345,50 @@ class SimSamReader:
                 return
             del self._out[:written]
         self._loop.remove_writer(self._fd)
+
+
+class SamReaderThread:
+    """A SimSamReader on an event loop of its own, for synchronous callers (tests, demo, bench).
+
+    Every method runs on the reader's loop and returns when it has taken effect there.
+    """
+
+    def __init__(self, link: str | os.PathLike[str]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self.sim = SimSamReader()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sim-sam", daemon=True)
+        self._thread.start()
+        self.path = self._call(self.sim.start(os.fspath(link)))
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def _do(self, fn: Callable[..., object], *args: object) -> None:
+        async def run() -> None:
+            fn(*args)
+
+        self._call(run())
+
+    def put_card(self, card: SimCard) -> None:
+        self._do(self.sim.put_card, card)
+
+    def remove_card(self) -> None:
+        self._do(self.sim.remove_card)
+
+    def unplug(self) -> None:
+        self._do(self.sim.unplug)
+
+    def replug(self) -> None:
+        self._do(self.sim.replug)
+
+    def close(self) -> None:
+        self._call(self.sim.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> SamReaderThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,7 +14,7 @@ import tempfile
 import tty
 from pathlib import Path
 
-from drivers.sim.server import _make_link, _remove_link
+from drivers.sim.pty import make_link, remove_link
 
 TERMINATOR_BYTES: dict[str, bytes] = {"CR": b"\r", "LF": b"\n", "CRLF": b"\r\n"}
 
@@ -49,14 +49,14 @@ class SimScanner:
         os.set_blocking(master, False)
         self._master, self._slave = master, slave
         self._device = os.ttyname(slave)
-        _make_link(self._device, self.path)
+        make_link(self._device, self.path)
 
     def unplug(self) -> None:
         """Pull the scanner out: the driver's reads fail and the path disappears."""
         if self._master is None:
             return
         if self._device is not None:
-            _remove_link(self._device, self.path)
+            remove_link(self._device, self.path)
         for fd in (self._master, self._slave):
             if fd is not None:
                 with contextlib.suppress(OSError):

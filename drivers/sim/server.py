@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import pty
-import tty
 from collections.abc import Callable, Sequence
 
 from pymodbus.constants import ExcCodes
@@ -20,6 +17,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simutils import SimUtils
 
 from drivers.sim.board import SimBoard
+from drivers.sim.pty import PtyBridge, make_link, remove_link
 
 log = logging.getLogger(__name__)
 
@@ -92,61 +90,6 @@ def _catch_all_device() -> SimDevice:
     return SimDevice(id=0, simdata=(bits(), bits(), regs(), regs()), action=action)
 
 
-class _PtyBridge:
-    """Two pty pairs joined master to master: one slave for the server, one for the daemon."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.server_master, self.server_slave = pty.openpty()
-        self.client_master, self.client_slave = pty.openpty()
-        # Raw before anyone opens them: a cooked pty echoes bytes back and mangles 0x0d/0x0a.
-        for fd in (self.server_slave, self.client_slave):
-            tty.setraw(fd)
-        for fd in (self.server_master, self.client_master):
-            os.set_blocking(fd, False)
-        # We keep both slave fds open: without an open slave, reading the master fails with EIO
-        # and the bridge would die when the daemon closes and reopens the device.
-        self.server_port = os.ttyname(self.server_slave)
-        self.device = os.ttyname(self.client_slave)
-        loop.add_reader(self.server_master, self._pump, self.server_master, self.client_master)
-        loop.add_reader(self.client_master, self._pump, self.client_master, self.server_master)
-
-    def _pump(self, src: int, dst: int) -> None:
-        try:
-            data = os.read(src, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.loop.remove_reader(src)
-            return
-        while data:
-            try:
-                data = data[os.write(dst, data) :]
-            except (BlockingIOError, OSError):
-                # Nobody drains the other side: a serial line drops bytes too.
-                return
-
-    def close(self) -> None:
-        for fd in (self.server_master, self.client_master):
-            self.loop.remove_reader(fd)
-        for fd in (self.server_master, self.client_master, self.server_slave, self.client_slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def _make_link(device: str, link: str) -> None:
-    # Like socat's link=: replace a stale symlink, never a real file.
-    if os.path.islink(link):
-        os.unlink(link)
-    os.symlink(device, link)
-
-
-def _remove_link(device: str, link: str) -> None:
-    # Leave the link alone if another simulator has taken it over since.
-    if os.path.islink(link) and os.readlink(link) == device:
-        os.unlink(link)
-
-
 class SimServer:
     """Serves simulated boards over Modbus TCP and/or RTU and runs their watchdogs."""
 
@@ -160,7 +103,7 @@ class SimServer:
         self.rtu_device: str | None = None
         self.rtu_link: str | None = None
         self._servers: list[ModbusTcpServer | ModbusSerialServer] = []
-        self._bridge: _PtyBridge | None = None
+        self._bridge: PtyBridge | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     def _devices(self) -> list[SimDevice]:
@@ -217,7 +160,7 @@ class SimServer:
         """Serve Modbus RTU on a pty pair; returns the device the daemon opens (or `link`)."""
         if self._bridge is not None:
             raise RuntimeError("RTU is already being served")
-        self._bridge = _PtyBridge(asyncio.get_running_loop())
+        self._bridge = PtyBridge(asyncio.get_running_loop())
         srv = ModbusSerialServer(
             self._devices(),
             port=self._bridge.server_port,
@@ -232,7 +175,7 @@ class SimServer:
         self._servers.append(srv)
         self.rtu_device = self._bridge.device
         if link:
-            _make_link(self.rtu_device, link)
+            make_link(self.rtu_device, link)
             self.rtu_link = link
         self._start_ticker()
         return self.rtu_device
@@ -251,7 +194,7 @@ class SimServer:
             self._bridge.close()
             self._bridge = None
         if self.rtu_link and self.rtu_device:
-            _remove_link(self.rtu_device, self.rtu_link)
+            remove_link(self.rtu_device, self.rtu_link)
             self.rtu_link = None
 
     async def __aenter__(self) -> SimServer:
