@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict
@@ -70,6 +71,8 @@ class Admission:
         self.keys = keys or KeyRing()
         """Trusted token issuers; replaced whole when the cloud pushes new keys."""
         self._now = wall_clock
+        self.counts: Counter[tuple[str, str]] = Counter()
+        """Decisions per (lane, reason code) since start, for telemetry."""
 
     def point(self, lane_id: str, direction: str) -> Point:
         return Point(lane_id, self.zones[lane_id], "exit" if direction == "exit" else "entry")
@@ -123,6 +126,7 @@ class Admission:
             decision = Decision(
                 False, Reason.IN_USE, decision.ticket_id, point.zone, prompt_zh=zh, prompt_en=en
             )
+        self.counts[lane.id, decision.reason.value] += 1
         if reservation is None:
             self.cache.append(
                 "denied",

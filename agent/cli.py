@@ -48,7 +48,12 @@ def _run(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logs.setup(args.log_level or d.log_level, args.log_format or d.log_format)
     try:
-        daemon = Daemon(site, state_dir=args.state_dir, control_socket=args.control_socket)
+        daemon = Daemon(
+            site,
+            state_dir=args.state_dir,
+            control_socket=args.control_socket,
+            config_path=Path(args.config),
+        )
     except (CacheError, OSError) as exc:
         # A missing/unsafe site key or an unusable database: say so plainly, exit non-zero;
         # the board's watchdog keeps the lanes in their fail state meanwhile.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.gate.core import Direction, Timing
 from drivers.base import InputPoint
@@ -217,6 +217,66 @@ class TrustedKeyConfig(_Model):
     not_after: float | None = Field(None, description="epoch seconds the key stops verifying")
 
 
+class CloudKeyConfig(_Model):
+    """A site cloud's Ed25519 public key that signs every downlink message."""
+
+    public_key: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="32-byte key, hex")
+    not_before: float | None = Field(None, description="epoch seconds the key becomes valid")
+    not_after: float | None = Field(None, description="epoch seconds the key stops verifying")
+
+
+class CloudConfig(_Model):
+    """The site's MQTT broker and the keys its cloud signs with (docs/mqtt.md)."""
+
+    host: str = Field(min_length=1, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="8883 is usual with TLS")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT version; 3.1.1 as a fallback")
+    client_id: str = Field(
+        "", max_length=64, description="MQTT client id; empty: gate-{site}-{gate_id}"
+    )
+    tls: bool = Field(False, description="connect with TLS")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's cert")
+    cert_file: Path | None = Field(None, description="client certificate (PEM), if required")
+    key_file: Path | None = Field(None, description="client private key (PEM), root-only")
+    username: str | None = Field(None, max_length=256, description="MQTT user name")
+    password_file: Path | None = Field(None, description="file holding the MQTT password")
+    keepalive_s: int = Field(15, ge=2, le=600, description="a silent link is noticed in 1.5x")
+    session_expiry_s: int = Field(
+        7 * 86400, ge=0, le=2**32 - 1, description="broker keeps our session this long offline"
+    )
+    connect_timeout_s: float = Field(10, ge=1, le=120, description="TCP + CONNACK")
+    reconnect_min_s: float = Field(0.5, ge=0.05, le=60, description="first retry delay")
+    reconnect_max_s: float = Field(60, ge=1, le=3600, description="longest retry delay")
+    batch_events: int = Field(200, ge=1, le=5000, description="events per uplink message")
+    batch_bytes: int = Field(
+        256 * 1024, ge=4096, le=4 * 1024 * 1024, description="bytes per uplink message at most"
+    )
+    inflight: int = Field(20, ge=1, le=200, description="uplink messages awaiting PUBACK")
+    status_interval_s: float = Field(30, ge=1, le=3600, description="status refresh")
+    telemetry_interval_s: float = Field(60, ge=1, le=3600, description="telemetry period")
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024, description="larger downlink refused"
+    )
+    max_lifetime_s: float = Field(
+        7 * 86400, ge=60, le=30 * 86400, description="longest exp - iat a message may claim"
+    )
+    trust_anchors: list[CloudKeyConfig] = Field(
+        min_length=1, description="the site cloud's signing keys; several during a rotation"
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> CloudConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username")
+        if (self.cert_file or self.ca_file) and not self.tls:
+            raise ValueError("ca_file and cert_file need tls = true")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be below reconnect_min_s")
+        return self
+
+
 class ZoneConfig(_Model):
     name: str = Field(pattern=NAME, description="zone name used by products and lanes")
     capacity: int | None = Field(None, ge=1, description="most people inside at once")
@@ -234,6 +294,7 @@ class GateConfig(_Model):
     boards: list[BoardConfig] = Field(min_length=1)
     lanes: list[LaneConfig] = Field(min_length=1)
     safety: SafetyConfig = SafetyConfig()
+    cloud: CloudConfig | None = Field(None, description="MQTT sync; none: the gate runs offline")
 
 
 # --- resolved I/O -----------------------------------------------------------------------

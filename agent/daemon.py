@@ -11,6 +11,7 @@ owners write the resulting coils at once; events go to a writer thread.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,8 @@ from typing import Any
 
 from agent import __version__
 from agent.admission import Admission, decision_dict
-from agent.config import ModbusTcpBusConfig, Site
+from agent.cloud.service import CloudSync, config_digest, link_settings
+from agent.config import ConfigError, ModbusTcpBusConfig, Site, load_config
 from agent.control import ControlServer, Peer
 from agent.gate.core import Direction, HoldOpen, Kind, Lockout, Report, shutdown_outputs
 from agent.gate.monitor import SafetyMonitor
@@ -36,6 +38,20 @@ from verify.token import KeyRing, TrustedKey, kid_for
 log = logging.getLogger(__name__)
 
 ALIVE_WITHIN_S = 1.0
+
+
+def _key_ring(keys: list[dict[str, Any]]) -> KeyRing:
+    """Trusted issuer keys (config entries or the cloud's) as a KeyRing."""
+    return KeyRing(
+        TrustedKey(
+            kid_for(bytes.fromhex(k["public_key"])),
+            bytes.fromhex(k["public_key"]),
+            k["issuer"],
+            k.get("not_before"),
+            k.get("not_after"),
+        )
+        for k in keys
+    )
 
 
 def key_path(configured: Path) -> Path:
@@ -93,9 +109,12 @@ class Daemon:
         state_dir: Path | None = None,
         control_socket: Path | None = None,
         notifier: Notifier | None = None,
+        config_path: Path | None = None,
     ) -> None:
         cfg = site.config
         self.site = site
+        self.config_path = config_path
+        self.exit_code = 0
         self.state_dir = state_dir or cfg.daemon.state_dir
         self.socket_path = control_socket or cfg.daemon.control_socket
         self.notifier = notifier or Notifier()
@@ -159,18 +178,11 @@ class Daemon:
             )
             for lane in cfg.lanes
         }
-        keys = KeyRing(
-            TrustedKey(
-                kid_for(bytes.fromhex(k.public_key)),
-                bytes.fromhex(k.public_key),
-                k.issuer,
-                k.not_before,
-                k.not_after,
-            )
-            for k in cfg.trusted_keys
-        )
         self.admission = Admission(
-            self.cache, {lane.id: lane.zone for lane in cfg.lanes}, self.policy, keys
+            self.cache,
+            {lane.id: lane.zone for lane in cfg.lanes},
+            self.policy,
+            _key_ring([k.model_dump() for k in cfg.trusted_keys]),
         )
         for runner in self.lanes.values():
             runner.settle = self._settle
@@ -184,6 +196,72 @@ class Daemon:
             self.lanes.values(), site.safety_points, stale, time.monotonic, self._on_latch
         )
         self.control = ControlServer(self.socket_path, cfg.daemon.control_group, self.command)
+        self.cloud: CloudSync | None = None
+        if cfg.cloud is not None:
+            self.cloud = CloudSync(
+                cfg.cloud,
+                cfg.site.id,
+                cfg.site.gate_id,
+                self.cache,
+                self,
+                link_settings(cfg.cloud, cfg.site.id, cfg.site.gate_id, key_path),
+                agent_version=__version__,
+                config_digest=config_digest(config_path),
+            )
+
+    # --- what the cloud may ask (agent.cloud.service.Hooks) --------------------------------
+
+    def run_command(self, req: dict[str, Any], origin: str) -> dict[str, Any]:
+        """A signed command from the cloud: the same path as gatectl's, audited likewise."""
+        cmd = req.get("cmd")
+        if cmd == "config_reload":
+            reply = self._config_reload()
+        elif cmd in ("lockout", "hold_open") and req.get("lane") == "*":
+            replies = [self._execute(cmd, {**req, "lane": lane}, origin) for lane in self.lanes]
+            reply = next((r for r in replies if not r["ok"]), {"ok": True})
+        else:
+            reply = self._execute(cmd, req, origin)
+        self._audit(req, reply, origin=origin)
+        return reply
+
+    def lane_states(self) -> list[dict[str, Any]]:
+        return [lane.status() for lane in self.lanes.values()]
+
+    def emergency(self) -> bool:
+        return self.monitor.latch.latched
+
+    def set_issuer_keys(self, keys: list[dict[str, Any]]) -> None:
+        """Issuer keys pushed by the cloud, in force together with the config's."""
+        configured = [k.model_dump() for k in self.site.config.trusted_keys]
+        self.admission.keys = _key_ring(configured + keys)
+
+    def lane_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        counts: dict[str, dict[str, dict[str, int]]] = {
+            lane_id: {"decisions": {}, "reports": dict(lane.counts)}
+            for lane_id, lane in self.lanes.items()
+        }
+        for (lane_id, reason), n in self.admission.counts.items():
+            counts[lane_id]["decisions"][reason] = n
+        return counts
+
+    def _config_reload(self) -> dict[str, Any]:
+        if self.config_path is None:
+            return {"ok": False, "error": "no_config_file", "message": "started without a file"}
+        try:
+            load_config(self.config_path)
+        except ConfigError as exc:
+            return {"ok": False, "error": "config_invalid", "message": "; ".join(exc.errors[:3])}
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return {
+                "ok": False,
+                "error": "not_supervised",
+                "message": "not under systemd: restart the daemon to load the config",
+            }
+        # The new config takes effect through a clean restart: lanes go to their safe state,
+        # systemd (Restart=always) starts us again within a second.
+        log.warning("config reload requested by the cloud: restarting")
+        asyncio.get_running_loop().call_later(0.5, self._stop.set)
+        return {"ok": True, "message": "restarting with the new config"}
 
     # --- events ---------------------------------------------------------------------------
 
@@ -234,10 +312,22 @@ class Daemon:
             return self.status()
         if cmd == "cache_stats":
             return {"ok": True, "stats": self.cache.stats()}
+        if cmd == "sync_status":
+            return {"ok": True, "sync": self.cloud.stats() if self.cloud else {"enabled": False}}
         if cmd == "cache_import":
             reply = await self._import(req)
+        elif cmd == "sync_now":
+            if self.cloud is None:
+                reply = {"ok": False, "error": "sync_disabled", "message": "no [cloud] in config"}
+            else:
+                self.cloud.sync_now()
+                reply = {"ok": True}
         else:
-            reply = self._execute(cmd, req, peer)
+            reply = self._execute(cmd, req, f"gatectl:uid={peer.uid}")
+        self._audit(req, reply, uid=peer.uid, pid=peer.pid)
+        return reply
+
+    def _audit(self, req: dict[str, Any], reply: dict[str, Any], **who: Any) -> None:
         # Ticket codes are bearer credentials: they stay out of the audit trail.
         args = {
             k: v
@@ -245,18 +335,17 @@ class Daemon:
             if k not in ("cmd", "code") and isinstance(v, str | bool | int)
         }
         lane = self._lane(req)
+        cmd = str(req.get("cmd"))[:40]
         self.cache.append(
             "audit",
             lane.id if lane else None,
-            cmd=str(cmd)[:40],
+            cmd=cmd,
             args=args,
-            uid=peer.uid,
-            pid=peer.pid,
+            **who,
             ok=reply["ok"],
             error=reply.get("error"),
         )
-        log.info("audit: uid %d %s %s -> %s", peer.uid, cmd, args, reply.get("error", "ok"))
-        return reply
+        log.info("audit: %s %s %s -> %s", who, cmd, args, reply.get("error", "ok"))
 
     async def _import(self, req: dict[str, Any]) -> dict[str, Any]:
         records = req.get("records")
@@ -271,14 +360,14 @@ class Daemon:
         errors = [f"line {lines[p.line - 1]}: {p.reason}" for p in result.problems]
         return {"ok": True, "imported": imported, "rejected": result.rejected, "errors": errors}
 
-    def _execute(self, cmd: object, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+    def _execute(self, cmd: object, req: dict[str, Any], origin: str) -> dict[str, Any]:
         def fail(error: str, message: str) -> dict[str, Any]:
             return {"ok": False, "error": error, "message": message}
 
         if cmd == "emergency":
             action = req.get("action")
             if action == "on":
-                self.monitor.request_emergency(f"gatectl:uid={peer.uid}")
+                self.monitor.request_emergency(origin)
                 return {"ok": True}
             if action == "reset":
                 refusal = self.monitor.request_reset()
@@ -318,7 +407,7 @@ class Daemon:
                 "outcome": outcome,
             }
         if cmd == "open":
-            ok, reason = lane.unlock(Direction(direction_text), f"gatectl:uid={peer.uid}")
+            ok, reason = lane.unlock(Direction(direction_text), origin)
             return {"ok": True} if ok else fail(reason or "refused", f"lane {lane.id}: {reason}")
         on = req.get("on")
         if not isinstance(on, bool):
@@ -373,6 +462,8 @@ class Daemon:
         ]
         tasks += self.readers.tasks()
         tasks.append(asyncio.create_task(self._supervise(), name="supervisor"))
+        # Not a core task: sync trouble must never stop the gate, so it is not awaited below.
+        cloud_task = asyncio.create_task(self._run_cloud(), name="cloud") if self.cloud else None
         stop_wait = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -386,9 +477,27 @@ class Daemon:
                     task.exception() if not task.cancelled() else "cancelled",
                 )
                 code = 1
+        if cloud_task is not None:
+            cloud_task.cancel()
+            await asyncio.gather(cloud_task, return_exceptions=True)
         await self._shutdown(tasks)
         stop_wait.cancel()
         return code
+
+    async def _run_cloud(self) -> None:
+        assert self.cloud is not None
+        stored = self.cache.state("cloud_keys")
+        if stored:
+            try:
+                self.set_issuer_keys(json.loads(stored))
+            except (ValueError, TypeError, KeyError):
+                log.error("cloud: stored issuer keys unreadable; waiting for the cloud's")
+        try:
+            await self.cloud.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cloud sync stopped; the gate keeps running offline")
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         log.info("stopping: leaving lanes in their safe state")
@@ -414,4 +523,9 @@ class Daemon:
         await asyncio.gather(*bus_tasks, return_exceptions=True)
         await self.control.close()
         self.cache.append("daemon_stopped", None)
+        if self.cloud is not None:
+            try:
+                await self.cloud.close()
+            except Exception:
+                log.exception("cloud: could not close the link cleanly")
         self.cache.close()

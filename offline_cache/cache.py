@@ -24,7 +24,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -194,6 +194,17 @@ def _set_state(key: str, value: Any) -> Any:
     return job
 
 
+def _remember_nonce(nonce: str, exp: float, now: float) -> Any:
+    def job(w: Writer) -> bool:
+        w.db.execute("DELETE FROM nonces WHERE exp < ?", [now])
+        inserted: int = w.db.execute(
+            "INSERT OR IGNORE INTO nonces (nonce, exp) VALUES (?, ?)", [nonce, exp]
+        ).rowcount
+        return inserted == 1
+
+    return job
+
+
 def _set_zone(zone: str, sql: str, value: int | None) -> Any:
     def job(w: Writer) -> None:
         w.db.execute(sql, [zone, value])
@@ -307,6 +318,15 @@ class Cache:
         future = self._writer.submit("mark sent", _mark_sent(up_to_seq))
         assert future is not None
         return future
+
+    def watch_outbox(self, fn: Callable[[int], None] | None) -> None:
+        """Call ``fn(seq)`` on the writer thread after each commit that adds events."""
+        self._writer.on_events = fn
+
+    @property
+    def outbox_range(self) -> tuple[int, int]:
+        """(anchor seq, newest committed seq): events after the anchor are still unsent."""
+        return self._writer.outbox.anchor_seq, self._writer.committed_seq
 
     def verify_chain(self) -> ChainReport:
         """Verify the outbox's sequence and hash chain (reads on its own connection)."""
@@ -593,7 +613,39 @@ class Cache:
         assert future is not None
         return future
 
+    def zones(self) -> dict[str, dict[str, int | None]]:
+        """Capacity and head count of every zone the gate knows."""
+        try:
+            rows = self._reader().execute("SELECT zone, capacity, occupancy FROM zones").fetchall()
+        except sqlite3.Error as exc:
+            raise CacheError(f"zones lookup failed: {exc}") from exc
+        return {z: {"capacity": cap, "occupancy": occ} for z, cap, occ in rows}
+
     # --- sync -------------------------------------------------------------------------------
+
+    def remember_nonce(self, nonce: str, exp: float, now: float) -> Future[bool]:
+        """Record a signed message's nonce until ``exp``; False if it was already recorded."""
+        future = self._writer.submit("nonce", _remember_nonce(nonce, exp, now))
+        assert future is not None
+        return future
+
+    def state(self, key: str, default: Any = None) -> Any:
+        """A value kept in sync_state (e.g. the cloud's issuer keys), read on its own."""
+        try:
+            row = (
+                self._reader()
+                .execute("SELECT value FROM sync_state WHERE key = ?", [key])
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise CacheError(f"state lookup failed: {exc}") from exc
+        return default if row is None else row[0]
+
+    def save_state(self, key: str, value: Any) -> Future[None]:
+        """Keep a value in sync_state, durably."""
+        future = self._writer.submit(f"state {key}", _set_state(key, value))
+        assert future is not None
+        return future
 
     def versions(self) -> dict[str, int]:
         """Versions of tickets, products and blocks in force."""

@@ -137,7 +137,12 @@ def _v1(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1,)
+def _v2(db: sqlite_utils.Database) -> None:
+    """Nonces of signed cloud messages already applied, kept until the message expires."""
+    db.execute("CREATE TABLE nonces (nonce TEXT PRIMARY KEY, exp REAL NOT NULL) WITHOUT ROWID")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

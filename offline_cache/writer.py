@@ -14,6 +14,7 @@ they are never dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -121,6 +122,10 @@ class Writer:
         self.failed = 0
         self.write_errors = 0
         self.outbox = self._load_outbox()
+        self.committed_seq = self.outbox.seq
+        """The newest outbox seq that is on disk (readers on other connections can see it)."""
+        self.on_events: Callable[[int], None] | None = None
+        """Called on the writer thread with committed_seq after a commit that added events."""
         self.counts = {
             "tickets": self._count("tickets"),
             "products": self._count("products"),
@@ -408,6 +413,10 @@ class Writer:
 
     def _after(self, ran: list[tuple[_Job, Any]]) -> None:
         callbacks, self._callbacks = self._callbacks, []
+        if self.outbox.seq != self.committed_seq:
+            self.committed_seq = self.outbox.seq
+            if self.on_events is not None:
+                callbacks.append(functools.partial(self.on_events, self.committed_seq))
         for fn in callbacks:
             try:
                 fn()

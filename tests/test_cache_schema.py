@@ -19,11 +19,10 @@ def test_fresh_file_has_the_full_schema_in_wal_mode(tmp_path: Path) -> None:
     with Cache(path):
         pass
     db = sqlite_utils.Database(path)
-    assert user_version(db) == SCHEMA_VERSION == 1
+    assert user_version(db) == SCHEMA_VERSION == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert {"products", "tickets", "usage", "blocks", "zones", "sync_state", "outbox"} <= set(
-        db.table_names()
-    )
+    tables = {"products", "tickets", "usage", "blocks", "zones", "sync_state", "outbox", "nonces"}
+    assert tables <= set(db.table_names())
     db.close()
 
 
@@ -60,23 +59,24 @@ def test_a_foreign_file_with_a_user_version_is_refused(tmp_path: Path) -> None:
         Cache(path)
 
 
-def test_a_second_migration_runs_once_in_order(
+def test_a_further_migration_runs_once_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "gate.db"
     with Cache(path) as cache:
         cache.append("before", None)
 
-    def v2(db: sqlite_utils.Database) -> None:
+    def extra(db: sqlite_utils.Database) -> None:
         db.execute("ALTER TABLE zones ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, v2))
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
+    current = schema_module.SCHEMA_VERSION
+    monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, extra))
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", current + 1)
     db = connect(path, writer=True)
-    assert migrate(db) == 1
-    assert user_version(db) == 2
+    assert migrate(db) == current
+    assert user_version(db) == current + 1
     assert "note" in db["zones"].columns_dict
-    assert migrate(db) == 2
+    assert migrate(db) == current + 1
     db.close()
     assert [e.kind for e in read_events(path)] == ["before"]
 
@@ -92,11 +92,31 @@ def test_a_failing_migration_leaves_the_previous_version(
         db.execute("ALTER TABLE zones ADD COLUMN half TEXT")
         raise RuntimeError("power cut")
 
+    current = schema_module.SCHEMA_VERSION
     monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, broken))
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", current + 1)
     db = connect(path, writer=True)
     with pytest.raises(RuntimeError):
         migrate(db)
-    assert user_version(db) == 1
+    assert user_version(db) == current
     assert "half" not in db["zones"].columns_dict
     db.close()
+
+
+def test_a_version_1_file_gains_the_nonce_table_and_keeps_its_data(tmp_path: Path) -> None:
+    from offline_cache.schema import MIGRATIONS
+
+    path = tmp_path / "gate.db"
+    db = connect(path, writer=True)
+    db.execute("PRAGMA journal_mode = WAL")
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO sync_state (key, value) VALUES ('tickets_version', 7)")
+    db.close()
+    with Cache(path) as cache:
+        assert cache.versions()["tickets"] == 7
+        now = 1_800_000_000.0
+        assert cache.remember_nonce("n-1", now + 60, now).result()
+        assert not cache.remember_nonce("n-1", now + 60, now).result()
+        # Expired nonces are forgotten: the message they belonged to is refused as expired.
+        assert cache.remember_nonce("n-1", now + 200, now + 120).result()
