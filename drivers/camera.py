@@ -2,24 +2,21 @@
 
 Capture and decoding run in a worker thread (OpenCV and zbar block and hold no event loop);
 each newly seen code is passed to the event loop with ``call_soon_threadsafe``. This is the
-only module that imports ``cv2`` and ``pyzbar`` (the camera simulator borrows cv2 to write
-video files).
+only module that imports ``cv2`` and ``pyzbar`` (the camera simulator writes its video files
+with ``encode_video``).
 
 The code text is a bearer credential: it never appears in a log line, only lengths and counters.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -27,6 +24,7 @@ import numpy.typing as npt
 from pyzbar import wrapper as zbar  # type: ignore[import-untyped]  # pyzbar 0.1.9: no types
 
 from drivers.base import Credential, CredentialListener
+from drivers.reader_thread import Alarm, Backoff, Worker, run_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +196,24 @@ class _CaptureSource:
         self.cap.release()
 
 
+def encode_video(path: Path, frames: Iterable[Frame], *, fps: float) -> None:
+    """Store grey or BGR frames as an MJPG AVI file (a codec every OpenCV build carries)."""
+    writer: cv2.VideoWriter | None = None
+    try:
+        for frame in frames:
+            bgr = np.repeat(frame[:, :, None], 3, axis=2) if frame.ndim == 2 else frame
+            if writer is None:
+                height, width = bgr.shape[:2]
+                fourcc = cv2.VideoWriter.fourcc(*"MJPG")
+                writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
+                if not writer.isOpened():
+                    raise OSError(f"cannot write a video to {path}")
+            writer.write(np.ascontiguousarray(bgr))
+    finally:
+        if writer is not None:
+            writer.release()
+
+
 class CameraScanner:
     """Reads QR codes from camera frames at a bounded rate; reopens a camera that went away."""
 
@@ -231,7 +247,7 @@ class CameraScanner:
         self._clock = clock
         self._listener: CredentialListener | None = None
         self._connected = False
-        self._in_outage = False
+        self._alarm = Alarm()
         self._ended = False
         self._frame_no = 0
         # code -> (frame number, clock time) when it was last in view
@@ -257,39 +273,31 @@ class CameraScanner:
 
     async def run(self, listener: CredentialListener) -> None:
         """Read codes and hand each new one to ``listener`` until cancelled; never raises."""
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        finished = asyncio.Event()
         self._listener = listener
-        worker = threading.Thread(
-            target=self._worker,
-            args=(loop, stop, finished),
-            name=f"camera {self.name}",
-            daemon=True,
-        )
-        worker.start()
         try:
-            await loop.create_future()
+            await run_in_thread(
+                f"camera {self.name}",
+                self._capture_forever,
+                stop_wait_s=STOP_WAIT_S,
+                on_stop=self._stopping,
+            )
         finally:
-            self._listener = None
-            stop.set()
-            # The thread is a daemon: should it hang in a driver call, it must not hang the stop.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STOP_WAIT_S):
-                    await finished.wait()
             self._connected = False
+
+    def _stopping(self) -> None:
+        self._listener = None
 
     def stats(self) -> dict[str, object]:
         """Link state, alarm flag and counters (never the code text)."""
         return {
             "connected": self._connected,
-            "alarm": self._in_outage,
+            "alarm": self._alarm.up,
             "ended": self._ended,
             "frames": self._counts["frames"],
             "decoded": self._counts["decoded"],
             "reads": self._counts["reads"],
             "errors": self._counts["errors"],
-            "outages": self._counts["outages"],
+            "outages": self._alarm.raised,
             "decode_ms": round(self._decode_ms, 2),
         }
 
@@ -333,55 +341,35 @@ class CameraScanner:
         return [(code, now) for code in fresh]
 
     def _up(self) -> None:
-        if self._in_outage:
+        if self._alarm.recover():
             log.warning("camera %s: source back", self.name)
-        self._in_outage = False
         self._connected = True
 
     def _lost(self, reason: str) -> None:
         # Codes in view stay remembered: a code still held up after a stream hiccup is the same
         # presentation, and frames never seen do not count as the code being absent.
         self._connected = False
-        if not self._in_outage:
-            self._counts["outages"] += 1
+        if self._alarm.fail(reason):
             log.error("camera %s: source unavailable (%s); retrying", self.name, reason)
         else:
             log.debug("camera %s: still unavailable (%s)", self.name, reason)
-        self._in_outage = True
 
-    def _worker(
-        self, loop: asyncio.AbstractEventLoop, stop: threading.Event, finished: asyncio.Event
-    ) -> None:
-        try:
-            self._capture_forever(loop, stop)
-        finally:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(finished.set)
-
-    def _capture_forever(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        def post(callback: Callable[..., None], *args: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(callback, *args)
-            except RuntimeError:
-                # The loop has closed under us: nobody is left to hand codes to.
-                stop.set()
-
+    def _capture_forever(self, worker: Worker) -> None:
+        stop = worker.stop
         interval = 1.0 / self.max_fps
-        backoff = REOPEN_FIRST_S
+        backoff = Backoff(REOPEN_FIRST_S, self.reopen_max_s)
         while not stop.is_set():
             try:
                 source = self._open()
             except SourceLost as exc:
                 self._lost(str(exc))
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+                backoff.wait(stop)
                 continue
             except Exception:
                 # A thread boundary: an OpenCV surprise must not end the camera for good.
                 log.exception("camera %s: opening the source failed", self.name)
                 self._lost("open error")
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+                backoff.wait(stop)
                 continue
             try:
                 due = time.monotonic()
@@ -391,22 +379,20 @@ class CameraScanner:
                         # Only a read that worked proves the source sound: a stream that opens
                         # and fails at once stays one outage and keeps backing off.
                         self._up()
-                        backoff = REOPEN_FIRST_S
+                        backoff.reset()
                     self._ended = frame is None
                     if frame is not None:
                         for code, at in self._process(frame):
-                            post(self._deliver, code, at)
+                            worker.post(self._deliver, code, at)
                     due = max(due + interval, time.monotonic())
                     stop.wait(due - time.monotonic())
             except SourceLost as exc:
                 self._lost(str(exc))
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+                backoff.wait(stop)
             except Exception:
                 self._counts["errors"] += 1
                 log.exception("camera %s: capture failed", self.name)
                 self._lost("capture error")
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+                backoff.wait(stop)
             finally:
                 source.close()

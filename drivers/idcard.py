@@ -1,14 +1,13 @@
 """Chinese resident ID-card reader: a SAM module spoken to over serial.
 
-The only module that imports pyserial for the ID reader. The ID number is turned into the
-holder's keyed hash the moment it is parsed and is never stored, logged or raised; frames
-carry the name and number too, so their bytes never reach a log line either.
+The port is ``drivers.serial_port``'s, the one owner of pyserial. The ID number is turned
+into the holder's keyed hash the moment it is parsed and is never stored, logged or raised;
+frames carry the name and number too, so their bytes never reach a log line either.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 import logging
 import threading
 import time
@@ -16,11 +15,10 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import serial  # type: ignore[import-untyped]  # pyserial ships no type stubs
 
 from drivers.base import Credential, CredentialListener, DriverError
+from drivers.reader_thread import Alarm, Backoff, Worker, run_in_thread
+from drivers.serial_port import PortGone, SerialPort
 from verify.idnumber import NO_EXPIRY, card_valid_on, parse_day, validate_id_number
 
 log = logging.getLogger(__name__)
@@ -241,7 +239,6 @@ class _LinkLost(Exception):
 @dataclass
 class _Stats:
     connected: bool = False
-    alarm: str | None = None
     polls: int = 0
     cards_found: int = 0
     reads: int = 0
@@ -290,9 +287,10 @@ class IdCardReader:
         self.utc_offset_h = utc_offset_h
         self._clock = clock
         self._monotonic = monotonic
-        self._port: Any = None
+        self._port: SerialPort | None = None
         self._assembler = FrameAssembler()
         self._stats = _Stats()
+        self._alarm = Alarm()
         # The worker adds error codes while stats() copies them from the event loop.
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
@@ -300,28 +298,17 @@ class IdCardReader:
         self._latched_at: float | None = None
         self._absent_polls = 0
         self._silent = 0
-        self._backoff = reopen_min_s
+        self._backoff = Backoff(reopen_min_s, reopen_max_s)
 
     async def run(self, listener: CredentialListener) -> None:
         """Poll the reader in its own thread until cancelled; never raises on reader faults."""
-        loop = asyncio.get_running_loop()
-
-        def deliver(credential: Credential) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._deliver, listener, credential)
-
-        self._stop.clear()
         # One thread owns the port: a blocking read never stalls the event loop, and nothing
         # else can interleave bytes on the line.
-        worker = threading.Thread(
-            target=self._worker, args=(deliver,), name=f"idcard {self.name}", daemon=True
+        await run_in_thread(
+            f"idcard {self.name}",
+            functools.partial(self._worker, listener),
+            stop_wait_s=self.read_timeout_s + 1.0,
         )
-        worker.start()
-        try:
-            await loop.create_future()
-        finally:
-            self._stop.set()
-            await asyncio.to_thread(worker.join, self.read_timeout_s + 1.0)
 
     def stats(self) -> dict[str, object]:
         """Counters and link state for status output."""
@@ -330,7 +317,7 @@ class IdCardReader:
             errors = dict(s.errors)
         return {
             "connected": s.connected,
-            "alarm": s.alarm,
+            "alarm": self._alarm.reason,
             "polls": s.polls,
             "cards_found": s.cards_found,
             "reads": s.reads,
@@ -349,13 +336,17 @@ class IdCardReader:
         except Exception:
             log.exception("id reader %s: credential listener failed", self.name)
 
-    def _worker(self, deliver: Callable[[Credential], None]) -> None:
+    def _worker(self, listener: CredentialListener, worker: Worker) -> None:
+        self._stop = worker.stop
+
+        def deliver(credential: Credential) -> None:
+            worker.post(self._deliver, listener, credential)
+
         try:
             while not self._stop.is_set():
                 try:
                     if self._port is None and not self._open():
-                        self._stop.wait(self._backoff)
-                        self._backoff = min(self._backoff * 2, self.reopen_max_s)
+                        self._backoff.wait(self._stop)
                         continue
                     self._poll_once(deliver)
                 except _LinkLost as exc:
@@ -378,24 +369,24 @@ class IdCardReader:
 
     def _open(self) -> bool:
         try:
-            self._port = serial.serial_for_url(
+            self._port = SerialPort(
                 self.port_url, baudrate=self.baudrate, timeout=0.05, write_timeout=1.0
             )
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except PortGone as exc:
             self._port = None
             self._stats.connected = False
-            self._outage("port_unavailable", type(exc).__name__)
+            self._outage("port_unavailable", exc.cause)
             return False
         self._assembler.clear()
         self._silent = 0
         self._stats.connected = True
-        if self._stats.alarm is not None:
+        if self._alarm.up:
             self._stats.reopens += 1
         return True
 
     def _outage(self, reason: str, cause: str = "") -> None:
         """Raise the alarm: logged once at ERROR, repeats at DEBUG until a good reply."""
-        if self._stats.alarm is None:
+        if self._alarm.fail(reason):
             log.error(
                 "id reader %s: %s on %s (%s); retrying",
                 self.name,
@@ -405,13 +396,11 @@ class IdCardReader:
             )
         else:
             log.debug("id reader %s: still %s", self.name, reason)
-        self._stats.alarm = reason
 
     def _recovered(self) -> None:
-        if self._stats.alarm is not None:
+        if self._alarm.recover():
             log.warning("id reader %s: answering again on %s", self.name, self.port_url)
-            self._stats.alarm = None
-        self._backoff = self.reopen_min_s
+        self._backoff.reset()
 
     def _lose_link(self, reason: str) -> None:
         self._outage(reason)
@@ -420,13 +409,11 @@ class IdCardReader:
         self._close()
         # Card state is unknown after an outage: the next card on the reader is a new passage.
         self._latched_at = None
-        self._stop.wait(self._backoff)
-        self._backoff = min(self._backoff * 2, self.reopen_max_s)
+        self._backoff.wait(self._stop)
 
     def _close(self) -> None:
         if self._port is not None:
-            with contextlib.suppress(Exception):
-                self._port.close()
+            self._port.close()
             self._port = None
 
     def _count_error(self, reason: str) -> None:
@@ -440,11 +427,11 @@ class IdCardReader:
         assert port is not None
         heard = False
         try:
-            port.reset_input_buffer()
+            port.discard_input()
             port.write(build_request(*cmd))
             deadline = self._monotonic() + timeout_s
             while True:
-                chunk = port.read(port.in_waiting or 1)
+                chunk = port.read()
                 heard = heard or bool(chunk)
                 frames = self._assembler.feed(chunk) if chunk else []
                 if frames:
@@ -461,7 +448,7 @@ class IdCardReader:
                     if self._silent >= self.silent_replies_to_reopen:
                         raise _LinkLost("reader_silent")
                     return None
-        except (serial.SerialException, OSError) as exc:
+        except PortGone as exc:
             raise _LinkLost("io_error") from exc
         self._silent = 0
         # One request, one reply: anything after the first frame is stale.

@@ -1,26 +1,23 @@
 """Serial QR scanner: reads terminated lines from a USB/RS-232 scanner and hands on codes.
 
 A reader thread owns the port (pyserial blocks) and passes raw chunks to the event loop with
-``call_soon_threadsafe``; framing, checks and debounce run on the loop. This is the only module
-that imports ``serial`` for scanners.
+``call_soon_threadsafe``; framing, checks and debounce run on the loop. The port itself is
+``drivers.serial_port``'s, the one owner of pyserial.
 
 The code text is a bearer credential: it never appears in a log line, only lengths and counters.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
-
-import serial  # type: ignore[import-untyped]  # pyserial ships no type stubs
+from typing import Literal
 
 from drivers.base import Credential, CredentialListener
+from drivers.reader_thread import Alarm, Backoff, Worker, run_in_thread
+from drivers.serial_port import PortGone, SerialPort
 
 log = logging.getLogger(__name__)
 
@@ -153,51 +150,42 @@ class SerialScanner:
         self._clock = clock
         self._framer = ScanFramer(terminator, prefix, suffix, max_length)
         self._listener: CredentialListener | None = None
-        self._port: serial.SerialBase | None = None
+        self._port: SerialPort | None = None
         self._connected = False
-        self._in_outage = False
+        self._alarm = Alarm()
         self._last_code: str | None = None
         self._last_seen = 0.0
         self._counts: Counter[str] = Counter()
 
     async def run(self, listener: CredentialListener) -> None:
         """Read codes and hand each to ``listener`` until cancelled; never raises on port faults."""
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        finished = asyncio.Event()
         self._listener = listener
-        worker = threading.Thread(
-            target=self._worker,
-            args=(loop, stop, finished),
-            name=f"qr-serial {self.name}",
-            daemon=True,
-        )
-        worker.start()
         try:
-            await loop.create_future()
+            await run_in_thread(
+                f"qr-serial {self.name}",
+                self._read_forever,
+                stop_wait_s=STOP_WAIT_S,
+                on_stop=self._stopping,
+            )
         finally:
-            self._listener = None
-            stop.set()
-            port = self._port
-            if port is not None:
-                # Wakes a posix read at once instead of after READ_TIMEOUT_S.
-                with contextlib.suppress(Exception):
-                    port.cancel_read()
-            # The thread is a daemon: should it hang in a driver call, it must not hang the stop.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STOP_WAIT_S):
-                    await finished.wait()
             self._connected = False
+
+    def _stopping(self) -> None:
+        self._listener = None
+        port = self._port
+        if port is not None:
+            # Wakes a posix read at once instead of after READ_TIMEOUT_S.
+            port.cancel_read()
 
     def stats(self) -> dict[str, object]:
         """Link state, alarm flag and counters (never the code text)."""
         return {
             "connected": self._connected,
-            "alarm": self._in_outage,
+            "alarm": self._alarm.up,
             "reads": self._counts["reads"],
             "repeats": self._counts["repeats"],
             "bytes": self._counts["bytes"],
-            "outages": self._counts["outages"],
+            "outages": self._alarm.raised,
             "rejected": dict(self._framer.rejected),
         }
 
@@ -227,66 +215,45 @@ class SerialScanner:
     def _on_connected(self) -> None:
         self._connected = True
         self._framer.reset()
-        if self._in_outage:
+        if self._alarm.recover():
             log.warning("scanner %s: back on %s", self.name, self.port_url)
-        self._in_outage = False
 
     def _on_lost(self, reason: str) -> None:
         self._connected = False
         self._framer.reset()
-        if not self._in_outage:
-            self._counts["outages"] += 1
+        if self._alarm.fail(reason):
             log.error("scanner %s: %s unavailable (%s); retrying", self.name, self.port_url, reason)
         else:
             log.debug("scanner %s: still unavailable (%s)", self.name, reason)
-        self._in_outage = True
 
     # -- reader thread ------------------------------------------------------------------------
 
-    def _worker(
-        self, loop: asyncio.AbstractEventLoop, stop: threading.Event, finished: asyncio.Event
-    ) -> None:
-        try:
-            self._read_forever(loop, stop)
-        finally:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(finished.set)
-
-    def _read_forever(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
-        def post(callback: Callable[..., None], *args: Any) -> bool:
-            try:
-                loop.call_soon_threadsafe(callback, *args)
-            except RuntimeError:
-                # The loop has closed under us: nobody is left to hand codes to.
-                stop.set()
-                return False
-            return True
-
-        backoff = REOPEN_FIRST_S
+    def _read_forever(self, worker: Worker) -> None:
+        stop, post = worker.stop, worker.post
+        backoff = Backoff(REOPEN_FIRST_S, self.reopen_max_s)
         while not stop.is_set():
             try:
                 # Exclusive: two lanes configured onto one scanner would each get half the codes.
-                port = serial.serial_for_url(
+                port = SerialPort(
                     self.port_url, baudrate=self.baudrate, timeout=READ_TIMEOUT_S, exclusive=True
                 )
-            except (serial.SerialException, OSError, ValueError) as exc:
-                post(self._on_lost, type(exc).__name__)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.reopen_max_s)
+            except PortGone as exc:
+                post(self._on_lost, exc.cause)
+                backoff.wait(stop)
                 continue
             self._port = port
-            backoff = REOPEN_FIRST_S
+            backoff.reset()
             if not post(self._on_connected):
                 port.close()
                 break
             try:
                 while not stop.is_set():
-                    data = port.read(max(1, port.in_waiting))
+                    data = port.read()
                     if data and not post(self._on_data, data):
                         break
-            except (serial.SerialException, OSError) as exc:
+            except PortGone as exc:
                 if not stop.is_set():
-                    post(self._on_lost, type(exc).__name__)
+                    post(self._on_lost, exc.cause)
                     stop.wait(REOPEN_FIRST_S)
             except Exception:
                 # A thread boundary: a pyserial surprise must not end the scanner for good.
@@ -296,5 +263,4 @@ class SerialScanner:
                     stop.wait(REOPEN_FIRST_S)
             finally:
                 self._port = None
-                with contextlib.suppress(Exception):
-                    port.close()
+                port.close()

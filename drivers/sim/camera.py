@@ -1,7 +1,7 @@
 """A simulated camera: renders QR codes into 640×480 frames and stores them for playback.
 
 Frames are written as binary PGM/PPM, which OpenCV reads and which need no image library here;
-only ``write_video`` borrows OpenCV's encoder, imported where it is used.
+only ``write_video`` needs OpenCV's encoder, through the camera driver that owns it.
 """
 
 from __future__ import annotations
@@ -85,21 +85,9 @@ def write_folder(
 
 def write_video(path: str | os.PathLike[str], frames: Iterable[Frame], *, fps: float = 10) -> Path:
     """Store frames as an MJPG AVI file (a codec every OpenCV build carries)."""
-    import cv2  # the simulator's only use of OpenCV; the driver owns it everywhere else
+    # Imported here: only video playback needs OpenCV, and loading it costs frame writers time.
+    from drivers.camera import encode_video
 
     path = Path(path)
-    writer: cv2.VideoWriter | None = None
-    try:
-        for frame in frames:
-            bgr = np.repeat(frame[:, :, None], 3, axis=2) if frame.ndim == 2 else frame
-            if writer is None:
-                height, width = bgr.shape[:2]
-                fourcc = cv2.VideoWriter.fourcc(*"MJPG")
-                writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
-                if not writer.isOpened():
-                    raise OSError(f"cannot write a video to {path}")
-            writer.write(np.ascontiguousarray(bgr))
-    finally:
-        if writer is not None:
-            writer.release()
+    encode_video(path, frames, fps=fps)
     return path
