@@ -67,6 +67,7 @@ class Testbed:
         config_file: Path | None = None,
         tcp_port: int = 0,
         extra_toml: str = "",
+        site_id: str = "test-park",
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,7 @@ class Testbed:
         self.state_dir = self.dir / "state"
         self.config_file = config_file
         self.extra_toml = extra_toml
+        self.site_id = site_id
         self.tcp_port = tcp_port
         self.config_path = config_file or self.dir / "gate.toml"
         self.sim_proc: subprocess.Popen[bytes] | None = None
@@ -139,7 +141,7 @@ class Testbed:
             return self.config_file
         lines = [
             "[site]",
-            'id = "test-park"',
+            f'id = "{self.site_id}"',
             'gate_id = "gate-01"',
             "",
             "[daemon]",

@@ -83,7 +83,10 @@ class EmergencyCmd(_Strict):
 
 class LaneSwitchCmd(_Strict):
     cmd: Literal["lockout", "hold_open"]
-    lane: str = Field(pattern=NAME, description="a lane id, or * for every lane")
+    lane: str = Field(
+        pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,31})$",
+        description="a lane id, or * for every lane",
+    )
     on: bool
 
 

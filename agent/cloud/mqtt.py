@@ -149,7 +149,7 @@ class MqttLink:
             # The listener's bug must not take the link down with it.
             log.exception("mqtt: listener failed")
 
-    def _new_client(self, conn: int) -> mqtt.Client:
+    def _new_client(self, conn: int, ended: threading.Event) -> mqtt.Client:
         s = self.settings
         v5 = s.protocol == "5"
         client = mqtt.Client(
@@ -175,7 +175,9 @@ class MqttLink:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         client.on_connect = lambda c, u, flags, rc, props: self._on_connect(conn, c, flags, rc)
-        client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(conn, rc)
+        client.on_disconnect = lambda c, u, flags, rc, props: self._on_disconnect(
+            conn, c, rc, ended
+        )
         client.on_publish = lambda c, u, mid, rc, props: self._post(
             self.listener.acked, conn, mid, not rc.is_failure
         )
@@ -202,8 +204,16 @@ class MqttLink:
         present = bool(getattr(flags, "session_present", False))
         self._post(self.listener.connected, conn, present)
 
-    def _on_disconnect(self, conn: int, rc: ReasonCode) -> None:
+    def _on_disconnect(
+        self, conn: int, client: mqtt.Client, rc: ReasonCode, ended: threading.Event
+    ) -> None:
+        # Runs on paho's thread: tell it to end rather than reconnect by itself; the next
+        # connection is a new client, after a jittered wait.
+        client.loop_stop()
+        if not self._stop.is_set():
+            self._set_error(f"link to {self.settings.host}:{self.settings.port} lost ({rc})")
         self._mark_down(conn, str(rc))
+        ended.set()
 
     def _mark_down(self, conn: int, reason: str) -> None:
         with self._lock:
@@ -235,7 +245,8 @@ class MqttLink:
         while not self._stop.is_set():
             self.conn += 1
             conn = self.conn
-            client = self._new_client(conn)
+            ended = threading.Event()
+            client = self._new_client(conn, ended)
             with self._lock:
                 self._client = client
             try:
@@ -252,14 +263,16 @@ class MqttLink:
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self._set_error(f"cannot connect to {s.host}:{s.port}: {exc}")
             else:
-                self._serve(client, time.monotonic())
+                # paho's own network thread runs this one connection: publish() from any
+                # thread is then only queued, and that thread alone writes to the socket.
+                client.loop_start()
+                self._serve(client, conn, ended, time.monotonic())
+                client.loop_stop()
                 if self._connack_conn == conn:
                     delay = s.reconnect_min_s
             self._mark_down(conn, self.last_error or "closed")
             with self._lock:
                 self._client = None
-            with contextlib.suppress(ValueError, RuntimeError, OSError):
-                client.disconnect()
             # Close paho's socket pair now rather than at garbage collection.
             client._reset_sockets()
             if self._stop.is_set():
@@ -271,16 +284,20 @@ class MqttLink:
             self._wake.wait(wait)
             self._wake.clear()
 
-    def _serve(self, client: mqtt.Client, started: float) -> None:
-        """Run one connection's network loop until it ends."""
+    def _serve(
+        self, client: mqtt.Client, conn: int, ended: threading.Event, started: float
+    ) -> None:
+        """Watch one connection until it ends (or must be given up)."""
         s = self.settings
-        while not self._stop.is_set():
-            rc = client.loop(LOOP_TIMEOUT_S)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                if self._stop.is_set():
-                    return
-                self._set_error(f"link to {s.host}:{s.port} lost ({mqtt.error_string(rc)})")
+        while not ended.wait(LOOP_TIMEOUT_S):
+            if self._stop.is_set():
+                # stop() has sent DISCONNECT; give paho's thread a moment to flush it, so the
+                # broker does not publish our Last Will over the clean offline status.
+                ended.wait(1.0)
                 return
-            if not self.connected and time.monotonic() - started > s.connect_timeout_s:
+            if self._connack_conn != conn and time.monotonic() - started > s.connect_timeout_s:
                 self._set_error(f"no CONNACK from {s.host}:{s.port} in {s.connect_timeout_s} s")
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    client.disconnect()
+                ended.wait(1.0)
                 return

@@ -171,6 +171,12 @@ class ReferenceCloud(LinkListener):
             events = self.gates.get(gate, GateLog()).events.values()
             return sum(1 for e in events if kind is None or e["kind"] == kind)
 
+    def events(self, gate: str, kind: str | None = None) -> list[dict[str, Any]]:
+        """A gate's events held, in seq order."""
+        with self._cv:
+            held = self.gates.get(gate, GateLog()).events
+            return [held[s] for s in sorted(held) if kind is None or held[s]["kind"] == kind]
+
     def wait_events(self, gate: str, count: int, timeout_s: float, kind: str | None = None) -> None:
         self.wait(
             lambda c: (
@@ -286,4 +292,3 @@ class ReferenceCloud(LinkListener):
         return self.send(
             self.topics("all")["keys"], {"version": version, "keys": list(keys)}, retain=True
         )
-

@@ -7,6 +7,11 @@ otherwise take the event loop away from the lanes. Rules that keep every event:
 - a lost connection forgets everything in flight and starts again after the last deleted row
   (redelivered events keep their ids: the cloud de-duplicates by id);
 - a PUBACK with a failure code is not an acknowledgement.
+
+Locking: paho calls ``acked`` holding its own message lock, and ``publish`` takes that lock,
+so the uplink never calls paho holding its lock, and ``acked`` takes no lock at all: it
+queues the PUBACK for the uplink thread, which handles it only after it has recorded the
+batch it published (so an early PUBACK is never mistaken for another message's).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -71,9 +76,12 @@ class Uplink:
         self.redelivered = 0
         self.rejected_acks = 0
         self.last_ack_at: float | None = None
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._signal = threading.Event()
+        self._acks: deque[tuple[int, int, bool]] = deque()
         self._conn_id = 0
         self._online = False
+        self._rewound = False
         self._batches: OrderedDict[int, _Batch] = OrderedDict()
         self._acked_upto = 0
         self._cursor = 0
@@ -95,57 +103,35 @@ class Uplink:
         self._thread.start()
 
     def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
+        self._stop = True
+        self._signal.set()
         if self._thread is not None:
             self._thread.join(5)
 
     def connected(self, conn: int) -> None:
-        with self._cv:
+        with self._lock:
             self._conn_id = conn
             self._online = True
-            self._rewind()
-            self._cv.notify_all()
+            self._rewound = True
+        self._signal.set()
 
     def disconnected(self, conn: int) -> None:
-        with self._cv:
+        with self._lock:
             if conn == self._conn_id:
                 self._online = False
-                self._rewind()
-                self._cv.notify_all()
+                self._rewound = True
+        self._signal.set()
 
     def acked(self, conn: int, mid: int, ok: bool) -> None:
-        with self._cv:
-            if conn != self._conn_id or mid not in self._batches:
-                return
-            if not ok:
-                # The broker refused the message (quota, ACL): not sent. Start again from the
-                # last acknowledged row after a pause, rather than spin against the refusal.
-                self.rejected_acks += 1
-                log.error("uplink: the broker refused an events message; retrying")
-                self._rewind()
-                self._pause_until = time.monotonic() + REJECTED_RETRY_S
-                self._cv.notify_all()
-                return
-            self._batches[mid].acked = True
-            while self._batches:
-                first_mid, batch = next(iter(self._batches.items()))
-                if not batch.acked:
-                    break
-                del self._batches[first_mid]
-                self._acked_upto = batch.last
-                self.acked_events += batch.count
-            self.last_ack_at = time.time()
-            self._cv.notify_all()
+        self._acks.append((conn, mid, ok))
+        self._signal.set()
 
     def wake(self, _seq: int = 0) -> None:
         """New events are on disk (the cache's writer calls this)."""
-        with self._cv:
-            self._cv.notify_all()
+        self._signal.set()
 
     def stats(self) -> dict[str, object]:
-        with self._cv:
+        with self._lock:
             return {
                 "inflight_messages": len(self._batches),
                 "acked_upto": self._acked_upto,
@@ -159,55 +145,83 @@ class Uplink:
 
     # --- the uplink thread ----------------------------------------------------------------
 
-    def _rewind(self) -> None:
-        # Caller holds the lock. Whatever was in flight may or may not have arrived: send it
-        # again from the first unacknowledged row.
-        self._batches.clear()
-        self._cursor = self._acked_upto
-
     def _run(self) -> None:
         try:
-            while True:
-                with self._cv:
-                    if self._stop:
-                        return
+            while not self._stop:
+                # Clear before looking: a signal that arrives while we work is not lost.
+                self._signal.clear()
+                with self._lock:
+                    if self._rewound:
+                        # Whatever was in flight may or may not have arrived: send it again
+                        # from the first unacknowledged row.
+                        self._rewound = False
+                        self._batches.clear()
+                        self._acks.clear()
+                        self._cursor = self._acked_upto
+                    self._take_acks()
                     self._settle_marks()
                     _, committed = self.outbox_range()
+                    conn, start = self._conn_id, self._cursor
                     ready = (
                         self._online
                         and len(self._batches) < self.inflight
-                        and committed > self._cursor
+                        and committed > start
                         and time.monotonic() >= self._pause_until
                     )
-                    if not ready:
-                        self._cv.wait(IDLE_WAIT_S)
-                        continue
-                    conn, start = self._conn_id, self._cursor
+                if not ready:
+                    self._signal.wait(IDLE_WAIT_S)
+                    continue
                 rows = self._read(start, committed)
                 if not rows:
                     continue
                 payload, last, count = self._message(rows)
-                with self._cv:
-                    # The link may have dropped (and rewound) while we read: then this batch
-                    # belongs to a dead connection and is not sent.
-                    if conn != self._conn_id or not self._online or self._cursor != start:
-                        continue
-                    mid = self.publish(self.topic, payload)
-                    if mid < 0:
-                        self._cv.wait(0.05)
-                        continue
-                    self._batches[mid] = _Batch(rows[0][0], last, count)
-                    self._cursor = last
-                    self.sent_messages += 1
-                    self.sent_events += count
-                    if rows[0][0] <= self._highest_sent:
-                        self.redelivered += min(last, self._highest_sent) - rows[0][0] + 1
-                    self._highest_sent = max(self._highest_sent, last)
+                mid = self.publish(self.topic, payload)
+                if mid < 0:
+                    self._signal.wait(0.05)
+                    continue
+                with self._lock:
+                    if conn == self._conn_id and not self._rewound:
+                        self._record(mid, _Batch(rows[0][0], last, count))
         except Exception:
             log.exception("uplink: stopped")
         finally:
             if self._db is not None:
                 self._db.close()
+
+    def _record(self, mid: int, batch: _Batch) -> None:
+        """A batch is on the wire (caller holds the lock)."""
+        self._batches[mid] = batch
+        self._cursor = batch.last
+        self.sent_messages += 1
+        self.sent_events += batch.count
+        if batch.first <= self._highest_sent:
+            self.redelivered += min(batch.last, self._highest_sent) - batch.first + 1
+        self._highest_sent = max(self._highest_sent, batch.last)
+
+    def _take_acks(self) -> None:
+        """Apply queued PUBACKs (caller holds the lock); unknown mids are other messages."""
+        while self._acks:
+            conn, mid, ok = self._acks.popleft()
+            if conn != self._conn_id or mid not in self._batches:
+                continue
+            if not ok:
+                # The broker refused the message (quota, ACL): not sent. Start again from
+                # the last acknowledged row after a pause, rather than spin against it.
+                self.rejected_acks += 1
+                log.error("uplink: the broker refused an events message; retrying")
+                self._rewound = True
+                self._pause_until = time.monotonic() + REJECTED_RETRY_S
+                self._signal.set()
+                return
+            self._batches[mid].acked = True
+            while self._batches:
+                first_mid, batch = next(iter(self._batches.items()))
+                if not batch.acked:
+                    break
+                del self._batches[first_mid]
+                self._acked_upto = batch.last
+                self.acked_events += batch.count
+            self.last_ack_at = time.time()
 
     def _settle_marks(self) -> None:
         """Delete acknowledged rows, one writer job at a time (caller holds the lock)."""

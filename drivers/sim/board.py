@@ -315,6 +315,19 @@ class SimBoard:
                 await self._pass_beams(channel, direction, step_s)
             return True
 
+    async def crowd(
+        self, channel: int, direction: Direction, people: int, *, step_s: float, gap_s: float
+    ) -> int:
+        """People pass one after another through a lane that is held open, ``gap_s`` apart
+        (long enough for the daemon to see the beams clear); returns how many passed."""
+        _check_direction(direction)
+        self._lane(channel)
+        async with self._lane_locks[channel]:
+            for _ in range(people):
+                await self._pass_beams(channel, direction, step_s)
+                await asyncio.sleep(gap_s)
+        return people
+
     async def tailgate(
         self,
         channel: int,

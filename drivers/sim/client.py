@@ -108,6 +108,29 @@ class SimClient:
         }
         return bool(self.request(req, timeout_s=wait_timeout_s + WALK_MARGIN_S)["passed"])
 
+    def crowd(
+        self,
+        channel: int,
+        people: int,
+        direction: str = "entry",
+        *,
+        step_s: float = 0.01,
+        gap_s: float = 0.01,
+        unit: int | None = None,
+    ) -> int:
+        """People walk through a held-open lane one after another; returns how many."""
+        req = {
+            "cmd": "crowd",
+            "channel": channel,
+            "direction": direction,
+            "people": people,
+            "step_s": step_s,
+            "gap_s": gap_s,
+            "unit": unit,
+        }
+        timeout = people * (4 * step_s + gap_s) * 3 + 30
+        return int(self.request(req, timeout_s=timeout)["passed"])
+
     def tailgate(
         self,
         channel: int,

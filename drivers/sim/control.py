@@ -57,6 +57,7 @@ class ControlServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self._commands: dict[str, Callable[[Request], Awaitable[Reply]]] = {
             "walk": self._walk,
+            "crowd": self._crowd,
             "tailgate": self._tailgate,
             "back_out": self._back_out,
             "obstruction": self._obstruction,
@@ -178,6 +179,20 @@ class ControlServer:
 
     async def _walk(self, req: Request) -> Reply:
         return await self._pass(req, tailgate=False)
+
+    async def _crowd(self, req: Request) -> Reply:
+        board, channel, direction = self._lane(req)
+        people = _get(req, "people", int)
+        if not 1 <= people <= 1_000_000:
+            raise ValueError("people must be 1..1000000")
+        passed = await board.crowd(
+            channel,
+            direction,
+            people,
+            step_s=_get(req, "step_s", float, 0.06),
+            gap_s=_get(req, "gap_s", float, 0.06),
+        )
+        return {"passed": passed}
 
     async def _tailgate(self, req: Request) -> Reply:
         return await self._pass(req, tailgate=True)
