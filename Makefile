@@ -6,22 +6,24 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Debian packages the venv, the tests and the demo need (libzbar0: QR decoding via pyzbar).
-# The cloud-sync issue adds mosquitto mosquitto-clients.
-SYSTEM_PACKAGES := python3 python3-venv libzbar0
+# mosquitto, mosquitto-clients: cloud-sync tests and the demo run a local broker.
+SYSTEM_PACKAGES := python3 python3-venv libzbar0 mosquitto mosquitto-clients
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 # Written after a successful install; older than pyproject.toml means reinstall.
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
 
-.PHONY: help system-deps venv lint test demo bench soak clean
+.PHONY: help system-deps venv lint test demo bench soak fuzz clean
 
 help:
 	@echo "make test         set up, then ruff, mypy and the whole test suite"
 	@echo "make demo         set up, then run the simulated gate scenario"
 	@echo "make bench        set up, then run the benchmarks"
 	@echo "make soak         set up, then SIGKILL the daemon 500 times during passages"
+	@echo "make fuzz         set up atheris, then fuzz scanner, token and SAM inputs (FUZZ_SECONDS=60 each)"
 	@echo "make lint         set up, then ruff and mypy only"
 	@echo "make venv         Debian packages, $(VENV) and the project with its dev extras"
 	@echo "make system-deps  Debian packages only: $(SYSTEM_PACKAGES)"
@@ -76,10 +78,22 @@ bench: venv
 	$(PYTHON) -m tests.bench
 	$(PYTHON) -m tests.bench_cache
 	$(PYTHON) -m tests.bench_qr
+	$(PYTHON) -m tests.bench_lanes
 
 # Longer crash soak than `make test` runs: 500 SIGKILLs of the daemon during passages.
 soak: venv
 	GATE_CRASH_KILLS=500 $(PYTHON) -m pytest -q -s tests/test_crash.py
+
+# Longer than the hypothesis runs in `make test`: coverage-guided fuzzing (atheris) of every
+# input the lanes take from outside, one target after another. A finding stops the run and
+# prints its input in hex; tests/fuzz/atheris_main.py says how to reproduce it.
+fuzz: venv
+	$(VENV)/bin/pip install -e '.[dev,fuzz]'
+	targets="$$($(PYTHON) -m tests.fuzz.atheris_main --list)"; \
+	for target in $$targets; do \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		$(PYTHON) -m tests.fuzz.atheris_main "$$target" -max_total_time=$(FUZZ_SECONDS); \
+	done
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
