@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -139,6 +140,9 @@ class SimSamReader:
         self._faults: list[_Fault] = []
         self._out = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_pending = False
+        self.read_sent_at: float | None = None
+        """time.monotonic() when the last byte of the latest card-read reply was written (bench)."""
 
     async def start(self, link: str | None = None) -> str:
         """Open the pty pair; returns the device the reader opens (``link`` if given)."""
@@ -275,6 +279,8 @@ class SimSamReader:
             self._send(self._answer(frame))
 
     def _answer(self, frame: bytes) -> bytes:
+        # Only a read reply that is actually sent gets its time stamped (not a silenced one).
+        self._read_pending = False
         if checksum(frame[5:-1]) != frame[-1] or len(frame) < 10:
             return build_response(SW_BAD_CHECKSUM)
         cmd = (frame[7], frame[8])
@@ -322,6 +328,7 @@ class SimSamReader:
             if self.card is None or not self.selected:
                 return build_response(SW_CARD_OP_FAILED)
             self.selected = False
+            self._read_pending = True
             return build_response(SW_OK, self.card.read_data())
         return build_response(SW_BAD_COMMAND)
 
@@ -345,6 +352,9 @@ class SimSamReader:
                 return
             del self._out[:written]
         self._loop.remove_writer(self._fd)
+        if self._read_pending:
+            self._read_pending = False
+            self.read_sent_at = time.monotonic()
 
 
 class SamReaderThread:
@@ -368,6 +378,11 @@ class SamReaderThread:
             fn(*args)
 
         self._call(run())
+
+    @property
+    def read_sent_at(self) -> float | None:
+        """time.monotonic() when the last card-read reply was fully written (bench timing)."""
+        return self.sim.read_sent_at
 
     def put_card(self, card: SimCard) -> None:
         self._do(self.sim.put_card, card)
