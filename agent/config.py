@@ -38,6 +38,12 @@ class SiteConfig(_Model):
     id: str = Field(pattern=NAME, description="site (scenic area / park) identifier")
     gate_id: str = Field(pattern=NAME, description="this controller's identifier within the site")
 
+    @model_validator(mode="after")
+    def _not_all(self) -> SiteConfig:
+        if self.gate_id == "all":
+            raise ValueError("gate_id 'all' is reserved: gate/v1/{site}/all/cmd reaches every gate")
+        return self
+
 
 class DaemonConfig(_Model):
     state_dir: Path = Field(

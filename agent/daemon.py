@@ -40,6 +40,22 @@ log = logging.getLogger(__name__)
 ALIVE_WITHIN_S = 1.0
 
 
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until they have ended.
+
+    A cancellation can be lost: Python 3.11's asyncio.wait_for (which libraries such as
+    pymodbus use inside a request) swallows one that arrives just as its result does, and the
+    task runs on. So a task still running after a moment is cancelled again.
+    """
+    for task in tasks:
+        task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+        for task in pending:
+            task.cancel()
+
+
 def _key_ring(keys: list[dict[str, Any]]) -> KeyRing:
     """Trusted issuer keys (config entries or the cloud's) as a KeyRing."""
     return KeyRing(
@@ -216,6 +232,14 @@ class Daemon:
         cmd = req.get("cmd")
         if cmd == "config_reload":
             reply = self._config_reload()
+        elif cmd == "resync":
+            reply = {"ok": True}  # the cloud link asks for the data; recorded here
+        elif cmd == "zone_capacity":
+            try:
+                self.cache.set_zone_capacity(str(req.get("zone")), req.get("capacity"))
+                reply = {"ok": True}
+            except ValueError as exc:
+                reply = {"ok": False, "error": "bad_request", "message": str(exc)}
         elif cmd in ("lockout", "hold_open") and req.get("lane") == "*":
             replies = [self._execute(cmd, {**req, "lane": lane}, origin) for lane in self.lanes]
             reply = next((r for r in replies if not r["ok"]), {"ok": True})
@@ -478,8 +502,7 @@ class Daemon:
                 )
                 code = 1
         if cloud_task is not None:
-            cloud_task.cancel()
-            await asyncio.gather(cloud_task, return_exceptions=True)
+            await _cancel([cloud_task])
         await self._shutdown(tasks)
         stop_wait.cancel()
         return code
@@ -506,9 +529,7 @@ class Daemon:
         others = [t for t in tasks if t not in bus_tasks]
         # Stop everything that steps lanes first, then let the bus owners write the safe
         # outputs themselves (one owner per bus: no second writer at shutdown either).
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        await _cancel(others)
         for lane in self.lanes.values():
             try:
                 lane.drive(shutdown_outputs(lane.state, lane.timing))
@@ -518,9 +539,7 @@ class Daemon:
         # Polling the bus owners' write state: they own the client, we only wait for it.
         while any(b.writes_pending() for b in self.buses) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        for task in bus_tasks:
-            task.cancel()
-        await asyncio.gather(*bus_tasks, return_exceptions=True)
+        await _cancel(bus_tasks)
         await self.control.close()
         self.cache.append("daemon_stopped", None)
         if self.cloud is not None:

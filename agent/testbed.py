@@ -267,6 +267,10 @@ class Testbed:
             try:
                 return proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
+                # Every thread's stack into the daemon's log (faulthandler on SIGUSR1): a
+                # daemon that does not stop is a bug, and this is how to find it.
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
                 proc.kill()
                 proc.wait()
                 raise

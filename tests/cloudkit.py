@@ -17,6 +17,7 @@ from agent.cloud.mqtt import LinkSettings
 from agent.cloud.reference import ReferenceCloud
 from agent.localbroker import LocalBroker
 from agent.testbed import Testbed, wait_for
+from offline_cache import Cache
 
 CLOUD_SEED = bytes(range(100, 132))
 ROGUE_SEED = bytes(range(200, 232))
@@ -70,8 +71,10 @@ def gate_with_cloud(
     extra_toml: str = "",
     cloud_options: dict[str, Any] | None = None,
     bus: dict[str, Any] | None = None,
+    backlog: int = 0,
 ) -> Iterator[tuple[Testbed, ReferenceCloud]]:
-    """A simulated gate whose daemon syncs to ``broker`` (or ``port``), and its site cloud."""
+    """A simulated gate whose daemon syncs to ``broker`` (or ``port``), and its site cloud;
+    ``backlog`` events wait in its outbox at start, as after a long time offline."""
     site = unique_site()
     toml = cloud_toml(broker.host, port or broker.port, **(cloud_options or {}))
     with (
@@ -85,9 +88,20 @@ def gate_with_cloud(
         ) as tb,
     ):
         tb.start_sim()
+        if backlog:
+            fill_outbox(tb.state_dir / "gate.db", backlog)
         tb.start_daemon()
         wait_for(lambda: sync_status(tb).get("connected"), 15, "the gate connecting")
         yield tb, cloud
+
+
+def fill_outbox(path: Path, count: int) -> None:
+    """``count`` passage-sized events in the outbox of the cache at ``path``."""
+    with Cache(path) as cache:
+        for i in range(count):
+            cache.append(
+                "free_passage", f"L{i % 2 + 1}", direction="entry", reason="held_open", n=i
+            )
 
 
 def sync_status(tb: Testbed) -> dict[str, Any]:

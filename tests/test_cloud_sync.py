@@ -180,6 +180,7 @@ def test_commands_are_applied_acknowledged_and_audited(tmp_path: Path, broker: L
             "emergency",
             "open",
             "config_reload",
+            "zone_capacity",
         ]
         ok, detail = cloud.gates[gate].check()
         assert ok, detail
@@ -285,9 +286,14 @@ def test_tickets_blocklist_snapshot_and_issuer_keys_from_the_cloud(
             chunk=5000,
         )
         assert chunks == 3
-        wait_for(lambda: sync_status(tb)["versions"]["tickets"] == 10, 60, "the snapshot applied")
-        assert tb.status()["cache"]["tickets"] == 12000
+        # A delta built on the snapshot, arriving while it is still being written: held and
+        # applied after the swap, not lost and not a gap.
+        cloud.tickets_delta(10, 11, [{"id": "d11", "code": "D-11", "product_id": "day", **day}])
+        wait_for(lambda: sync_status(tb)["versions"]["tickets"] == 11, 60, "snapshot + delta")
+        assert tb.status()["cache"]["tickets"] == 12001
         assert tb.ctl({"cmd": "cache_lookup", "code": "C-1"})["decision"]["reason"] == "unknown"
+        assert tb.ctl({"cmd": "cache_lookup", "code": "D-11"})["decision"]["reason"] == "ok"
+        assert [r["reason"] for r in cloud.resync] == ["gap"]
 
         cloud.blocklist_delta(0, 1, [{"kind": "ticket", "value": "s7"}])
         wait_for(lambda: sync_status(tb)["versions"]["blocks"] == 1, 10, "the block applied")

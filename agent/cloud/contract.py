@@ -239,12 +239,16 @@ class StatusMessage(_Strict):
     lanes: list[LaneState] = Field(default_factory=list)
     emergency: bool | None = None
     outbox: OutboxState | None = None
+    downlink_rejected: dict[str, int] = Field(
+        default_factory=dict, description="downlink messages refused since start, by reason"
+    )
 
 
 class LaneCounts(_Strict):
     decisions: dict[str, int] = Field(description="reason code -> decisions in the interval")
     reports: dict[str, int] = Field(
-        description="lane reports in the interval: passage, tailgate, forced, not_passed, ..."
+        description="lane report kind -> reports in the interval: unlocked, passage, "
+        "not_passed, tailgating, forced_passage, ... (event kinds)"
     )
 
 

@@ -77,7 +77,7 @@ class MqttLink:
         settings: LinkSettings,
         listener: LinkListener,
         subscriptions: list[str],
-        will: tuple[str, bytes] | None = None,
+        will: Callable[[], tuple[str, bytes]] | None = None,
     ) -> None:
         self.settings = settings
         self.listener = listener
@@ -163,7 +163,9 @@ class MqttLink:
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         if self.will is not None:
-            client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+            # Built per connection: the broker sends it as it is, so it carries this time.
+            topic, payload = self.will()
+            client.will_set(topic, payload, qos=1, retain=True)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +30,6 @@ from agent.cloud.contract import (
     ResyncCmd,
     TicketsDelta,
     TicketsSnapshot,
-    ZoneCapacityCmd,
     down_topics,
     up_topic,
 )
@@ -68,8 +67,10 @@ class _Snapshot:
     chunks: queue.Queue[Any]
     thread: threading.Thread
     last_chunk_at: float
-    result: Any = None
-    failed: bool = False
+    complete: bool = False
+    """Every chunk is in; the apply thread may still be writing and swapping."""
+    held: list[TicketsDelta] = field(default_factory=list)
+    """Deltas on top of this snapshot that arrived while it streamed in."""
 
 
 def read_secret(path: Path) -> str:
@@ -135,12 +136,14 @@ class CloudSync(LinkListener):
             max_lifetime_s=cfg.max_lifetime_s,
         )
         self.header = {"site": site, "gate": gate}
-        offline = self._status_message("offline", reason="lost")
         self.link = MqttLink(
             settings,
             self,
             list(self.topics.values()),
-            will=(up_topic(site, gate, "status"), offline),
+            will=lambda: (
+                up_topic(site, gate, "status"),
+                self._status_message("offline", reason="lost"),
+            ),
         )
         self.uplink = Uplink(
             cache.path,
@@ -166,6 +169,7 @@ class CloudSync(LinkListener):
         self._last_counts: dict[str, dict[str, dict[str, int]]] = {}
         self._keys_version = 0
         self._warned_faces = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- link listener: called on the link thread -----------------------------------------
 
@@ -294,6 +298,7 @@ class CloudSync(LinkListener):
                     {"id": lane["lane"], "mode": lane["mode"]} for lane in self.hooks.lane_states()
                 ],
                 emergency=self.hooks.emergency(),
+                downlink_rejected=dict(self.rejected),
                 outbox={
                     "depth": committed - anchor,
                     "oldest_age_s": stats["oldest_age_s"],
@@ -377,6 +382,12 @@ class CloudSync(LinkListener):
         if v.kind in ("cmd", "all_cmd"):
             await self._command(v)
         elif isinstance(body, TicketsDelta):
+            snap = self._snapshot
+            if snap is not None and body.kind == "tickets" and body.from_version >= snap.version:
+                # Built on the snapshot still arriving: applying it now to the old tickets
+                # would be a gap, and the swap would lose it. Apply it after the swap.
+                snap.held.append(body)
+                return
             await self._delta(
                 body.kind, body.from_version, body.to_version, body.upserts, body.deletes
             )
@@ -421,6 +432,8 @@ class CloudSync(LinkListener):
             log.warning(
                 "cloud: %s delta %d->%d: %d records rejected", kind, from_v, to_v, result.rejected
             )
+            # The version moved on without those records: tell the cloud, which holds them.
+            self._request_resync(kind, "rejected")
         self._publish_status.set()
 
     def _keys(self, body: KeysBody) -> None:
@@ -439,15 +452,11 @@ class CloudSync(LinkListener):
         cmd = v.body
         name = cmd.cmd
         origin = f"cloud:{v.nonce[:12]}"
-        if isinstance(cmd, ResyncCmd):
+        # Every command goes through the daemon, which audits it like a gatectl command.
+        reply = self.hooks.run_command(cmd.model_dump(), origin)
+        if isinstance(cmd, ResyncCmd) and reply.get("ok"):
             for kind in cmd.kinds:
                 self._request_resync(kind, "command")
-            reply: dict[str, Any] = {"ok": True}
-        elif isinstance(cmd, ZoneCapacityCmd):
-            await asyncio.wrap_future(self.cache.set_zone_capacity(cmd.zone, cmd.capacity))
-            reply = {"ok": True}
-        else:
-            reply = self.hooks.run_command(cmd.model_dump(), origin)
         ack = {
             "nonce": v.nonce,
             "cmd": name,
@@ -462,8 +471,9 @@ class CloudSync(LinkListener):
 
     async def _snapshot_chunk(self, chunk: TicketsSnapshot) -> None:
         snap = self._snapshot
+        streaming = snap is not None and not snap.complete
         if chunk.index == 0:
-            if snap is not None:
+            if streaming:
                 self._abandon("a new snapshot started")
             if chunk.version <= self.cache.versions()["tickets"]:
                 self.duplicates += 1
@@ -478,8 +488,13 @@ class CloudSync(LinkListener):
                         )
                     )
             snap = self._start_snapshot(chunk)
-        elif snap is None or chunk.snapshot != snap.snapshot or chunk.index != snap.next_index:
-            if snap is not None:
+        elif (
+            snap is None
+            or not streaming
+            or chunk.snapshot != snap.snapshot
+            or chunk.index != snap.next_index
+        ):
+            if streaming and snap is not None:
                 self._abandon(f"chunk {chunk.index} arrived, expected {snap.next_index}")
             else:
                 self.rejected["snapshot_out_of_order"] += 1
@@ -489,7 +504,23 @@ class CloudSync(LinkListener):
         snap.last_chunk_at = time.monotonic()
         if snap.next_index == snap.count:
             snap.chunks.put(_END)
+            snap.complete = True
+
+    def _after_snapshot(self, snap: _Snapshot) -> None:
+        """On the loop, once the apply thread is done: apply the deltas held meanwhile."""
+        if self._snapshot is snap:
             self._snapshot = None
+        if snap.held:
+            held = list(snap.held)
+
+            async def apply_held() -> None:
+                for d in held:
+                    await self._delta(d.kind, d.from_version, d.to_version, d.upserts, d.deletes)
+
+            task = asyncio.get_running_loop().create_task(apply_held())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self._publish_status.set()
 
     def _start_snapshot(self, first: TicketsSnapshot) -> _Snapshot:
         chunks: queue.Queue[Any] = queue.Queue()
@@ -509,11 +540,14 @@ class CloudSync(LinkListener):
             except Exception as exc:
                 log.warning("cloud: snapshot %s not applied: %s", first.snapshot, exc)
                 self._call(self._request_resync, "tickets", "snapshot_incomplete")
+                self._call(self._after_snapshot, snap)
                 return
             log.info(
                 "cloud: snapshot v%d %s (%d tickets)", result.version, result.status, result.tickets
             )
-            self._call(self._publish_status.set)
+            if result.status == "rejected":
+                self._call(self._request_resync, "tickets", "rejected")
+            self._call(self._after_snapshot, snap)
 
         thread = threading.Thread(target=apply, name="cloud-snapshot", daemon=True)
         snap = _Snapshot(
@@ -534,7 +568,11 @@ class CloudSync(LinkListener):
 
     def _check_snapshot_stalled(self) -> None:
         snap = self._snapshot
-        if snap is not None and time.monotonic() - snap.last_chunk_at > SNAPSHOT_CHUNK_TIMEOUT_S:
+        if (
+            snap is not None
+            and not snap.complete
+            and time.monotonic() - snap.last_chunk_at > SNAPSHOT_CHUNK_TIMEOUT_S
+        ):
             self._abandon("no chunk for too long")
 
     # --- gatectl sync status --------------------------------------------------------------
