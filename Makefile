@@ -80,9 +80,11 @@ bench: venv
 	$(PYTHON) -m tests.bench_qr
 	$(PYTHON) -m tests.bench_lanes
 
-# Longer crash soak than `make test` runs: 500 SIGKILLs of the daemon during passages.
+# Longer crash soaks than `make test` runs: 500 SIGKILLs of the daemon during passages, and
+# 200 during traffic with cloud sync (nothing may be lost on the way to the cloud).
 soak: venv
 	GATE_CRASH_KILLS=500 $(PYTHON) -m pytest -q -s tests/test_crash.py
+	GATE_SYNC_KILLS=200 $(PYTHON) -m pytest -q -s tests/test_cloud_faults.py -k killed
 
 # Longer than the hypothesis runs in `make test`: coverage-guided fuzzing (atheris) of every
 # input the lanes take from outside, one target after another. A finding stops the run and

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,7 +340,41 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path, broker: LocalB
         gate = tb.status()["gate"]
         assert cloud.wait_ack(cloud.command(gate, {"cmd": "open", "lane": "L2"}))["ok"]
     password.write_text("wrong\n")
-    with pytest.raises(TimeoutError), gate_with_cloud(
-        tmp_path / "bad", broker, port=broker.tls_port, cloud_options=options
-    ) as (tb, _):
+    with (
+        pytest.raises(TimeoutError),
+        gate_with_cloud(tmp_path / "bad", broker, port=broker.tls_port, cloud_options=options) as (
+            tb,
+            _,
+        ),
+    ):
         pass
+
+
+def test_status_online_last_will_and_clean_offline(tmp_path: Path, broker: LocalBroker) -> None:
+    with gate_with_cloud(tmp_path, broker) as (tb, cloud):
+        gate = tb.status()["gate"]
+        cloud.wait(lambda c: c.status.get(gate, {}).get("state") == "online", 10, "online")
+        online = cloud.status[gate]
+        assert online["outbox"]["depth"] >= 0 and {"L1", "L2"} == {x["id"] for x in online["lanes"]}
+        # The daemon dies without a word: the broker publishes its Last Will.
+        tb.stop_daemon(signal.SIGKILL)
+        cloud.wait(
+            lambda c: c.status[gate].get("state") == "offline", 15, "the Last Will (keepalive 3 s)"
+        )
+        assert cloud.status[gate]["reason"] == "lost"
+        tb.start_daemon()
+        cloud.wait(lambda c: c.status[gate].get("state") == "online", 15, "online again")
+        # A clean stop says so itself, retained, before it disconnects.
+        tb.stop_daemon()
+        cloud.wait(lambda c: c.status[gate].get("state") == "offline", 10, "offline")
+        assert cloud.status[gate]["reason"] == "shutdown"
+
+
+def test_mqtt_3_1_1_fallback(tmp_path: Path, broker: LocalBroker) -> None:
+    with gate_with_cloud(tmp_path, broker, cloud_options={"protocol": "3.1.1"}) as (tb, cloud):
+        gate = tb.status()["gate"]
+        assert cloud.wait_ack(cloud.command(gate, {"cmd": "open", "lane": "L1"}))["ok"]
+        assert tb.sim.walk(1, "entry")
+        cloud.wait_events(gate, 1, 10, kind="passage")
+        ok, detail = cloud.gates[gate].check()
+        assert ok, detail
