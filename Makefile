@@ -22,7 +22,7 @@ help:
 	@echo "make test         set up, then ruff, mypy and the whole test suite"
 	@echo "make demo         set up, then run the simulated gate scenario"
 	@echo "make bench        set up, then run the benchmarks"
-	@echo "make soak         set up, then SIGKILL the daemon 500 times during passages"
+	@echo "make soak         set up, then SIGKILL the daemon 500 times during passages, 200 while syncing"
 	@echo "make fuzz         set up atheris, then fuzz scanner, token and SAM inputs (FUZZ_SECONDS=60 each)"
 	@echo "make lint         set up, then ruff and mypy only"
 	@echo "make venv         Debian packages, $(VENV) and the project with its dev extras"
