@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from agent.cloud_tool import add_cloud_commands, run_cloud_command
 from agent.control import DaemonNotRunning, request
 from agent.token_tool import add_token_commands, run_token_command
 
@@ -102,6 +104,65 @@ def print_decision(reply: dict[str, Any], explain: bool) -> None:
         print(f"  lane {reply['lane']}: {reply.get('outcome')}")
 
 
+def _ago(at: float | None, now: float) -> str:
+    return "never" if at is None else f"{max(0.0, now - at):.1f} s ago"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+
+
+def print_sync(s: dict[str, Any]) -> None:
+    """Cloud sync on one screen: the link, the outbox, versions, uplink and downlink."""
+    now = time.time()
+    link = "connected to" if s["connected"] else "NOT CONNECTED to"
+    print(
+        f"{'cloud sync':<15}{link} {s['broker']} "
+        f"({s['connects']} connect(s), {s['disconnects']} disconnect(s))"
+    )
+    if s.get("last_error"):
+        print(f"{'last error':<15}{s['last_error']}")
+    since = "connected" if s["connected"] else "last connected"
+    print(
+        f"{'last contact':<15}{_ago(s['last_contact'], now)} "
+        f"({since} {_ago(s['last_connected_at'], now)})"
+    )
+    oldest = s.get("oldest_unsent_age_s")
+    age = f", oldest {oldest:.0f} s old" if s["outbox_depth"] and oldest is not None else ""
+    print(f"{'outbox':<15}{s['outbox_depth']} event(s) unsent{age}")
+    print(f"{'versions':<15}" + ", ".join(f"{k} {v}" for k, v in s["versions"].items()))
+    u = s["uplink"]
+    print(
+        f"{'uplink':<15}{u['sent_events']} event(s) in {u['sent_messages']} message(s), "
+        f"{u['acked_events']} acked, {u['redelivered_events']} resent, "
+        f"{u['rejected_acks']} refused by the broker"
+    )
+    print(
+        f"{'':<15}{u['inflight_messages']} message(s) in flight; "
+        f"last ack {_ago(u['last_ack_at'], now)}"
+    )
+    print(f"{'downlink':<15}applied: {_counts(s['downlink_applied'])}")
+    rejected = s["downlink_rejected"]
+    mark = "REJECTED" if rejected else "rejected"
+    print(f"{'':<15}{mark}: {_counts(rejected)}; duplicates {s['downlink_duplicates']}")
+    if s.get("snapshot_in_progress"):
+        print(f"{'snapshot':<15}{s['snapshot_in_progress']} arriving")
+
+
+def _synced(s: dict[str, Any]) -> bool:
+    return bool(s.get("connected")) and s.get("outbox_depth") == 0
+
+
+def _wait_synced(path: Path, wait_s: float) -> dict[str, Any]:
+    """After ``sync now``: poll until connected with the outbox empty, or ``wait_s`` passes."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        reply = request(path, {"cmd": "sync_status"}, timeout_s=10)
+        if not reply.get("ok") or _synced(reply["sync"]) or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.2)
+
+
 def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]], list[str]]:
     """Read a JSON-lines file into import requests; bad lines are reported, not sent."""
     requests: list[dict[str, Any]] = []
@@ -141,6 +202,8 @@ def _build(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [
             {"cmd": "present", "lane": args.lane, "code": args.code, "direction": args.direction}
         ]
+    if args.command == "sync":
+        return [{"cmd": f"sync_{args.action}"}]
     if args.command == "cache":
         if args.action == "stats":
             return [{"cmd": "cache_stats"}]
@@ -193,11 +256,37 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--direction", default="entry", choices=["entry", "exit"])
     ci = csub.add_parser("import", help="import tickets/products/blocks from a JSON-lines file")
     ci.add_argument("file")
+    sync = sub.add_parser("sync", help="cloud sync: status, or sync now")
+    ssub = sync.add_subparsers(dest="action", required=True)
+    ss = ssub.add_parser(
+        "status",
+        help="link, last contact, outbox, versions, uplink and downlink counters",
+        description="Exit 0 with the state (connected or not); 1 if sync is not configured.",
+    )
+    ss.add_argument("--json", action="store_true", help="machine-readable output")
+    sn = ssub.add_parser(
+        "now",
+        help="reconnect and send at once, then wait until the outbox is empty",
+        description="Skip the reconnect back-off, send the outbox and a fresh status. Exit 0 "
+        "once connected with the outbox empty, 1 if not within --wait or sync is not "
+        "configured.",
+    )
+    sn.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="wait up to S seconds for the outbox to empty (default 5; 0: do not wait)",
+    )
     add_token_commands(sub)
+    add_cloud_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "token":
         # Minting and inspecting tokens is local work: no daemon needed.
         return run_token_command(args)
+    if args.command == "cloud":
+        # The reference cloud talks to the broker, not to this gate's daemon.
+        return run_cloud_command(args)
 
     local_errors: list[str] = []
     if args.command == "cache" and args.action == "import":
@@ -214,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for req in reqs:
             replies.append(request(path, req, timeout_s=60))
+        if args.command == "sync" and args.action == "now" and replies[0].get("ok"):
+            replies.append(_wait_synced(path, args.wait))
     except DaemonNotRunning:
         print(f"gatectl: gate-agent is not running (no answer on {path})", file=sys.stderr)
         return EXIT_NOT_RUNNING
@@ -242,6 +333,8 @@ def _show(args: argparse.Namespace, replies: list[dict[str, Any]], local_errors:
         for r in failed[:1]:
             print(f"refused: {r.get('error')}: {r.get('message', '')}", file=sys.stderr)
         return EXIT_REFUSED if failed else 0
+    if args.command == "sync":
+        return _show_sync(args, replies)
     reply = replies[0]
     if not reply.get("ok"):
         print(f"refused: {reply.get('error')}: {reply.get('message', '')}", file=sys.stderr)
@@ -268,6 +361,46 @@ def _show(args: argparse.Namespace, replies: list[dict[str, Any]], local_errors:
         return 0 if reply["decision"]["allowed"] else EXIT_REFUSED
     print("ok")
     return 0
+
+
+def _show_sync(args: argparse.Namespace, replies: list[dict[str, Any]]) -> int:
+    reply = replies[-1]
+    if reply.get("error") == "sync_disabled" or reply.get("sync", {}).get("enabled") is False:
+        if args.action == "status" and args.json:
+            print(json.dumps(reply["sync"], indent=2))
+        print(
+            "gatectl: cloud sync is not configured on this gate (no [cloud] section)",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error')}: {reply.get('message', '')}", file=sys.stderr)
+        return EXIT_REFUSED
+    s = reply["sync"]
+    if args.action == "status":
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            print_sync(s)
+        return 0
+    if _synced(s):
+        print(f"synced: connected to {s['broker']}, outbox empty")
+        return 0
+    if args.wait <= 0:
+        print("sync requested")
+        return 0
+    if not s["connected"]:
+        print(
+            f"not synced after {args.wait:g} s: NOT CONNECTED to {s['broker']} "
+            f"({s.get('last_error') or 'connecting'}); {s['outbox_depth']} event(s) unsent",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"not synced after {args.wait:g} s: {s['outbox_depth']} event(s) still unsent",
+            file=sys.stderr,
+        )
+    return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ class ReferenceCloud(LinkListener):
         self.messages += 1
         top = 0
         for e in body.get("events", []):
+            if not (isinstance(e, dict) and isinstance(e.get("seq"), int) and "id" in e):
+                log_.conflicts.append("an event without seq or id")
+                continue
             log_.received += 1
             seq = e["seq"]
             top = max(top, seq)
@@ -147,7 +150,7 @@ class ReferenceCloud(LinkListener):
                 if held["id"] != e["id"] or held["hash"] != e["hash"]:
                     log_.conflicts.append(f"seq {seq} arrived with a different id or hash")
                 continue
-            if e["id"] in log_.ids:
+            if e["id"] in log_.ids or "hash" not in e:
                 log_.conflicts.append(f"id {e['id']} arrived under a second seq")
                 continue
             log_.ids.add(e["id"])
@@ -287,8 +290,18 @@ class ReferenceCloud(LinkListener):
         }
         return self.send(self.topics("all")["blocklist"], body)
 
-    def issuer_keys(self, version: int, keys: Sequence[dict[str, Any]]) -> str:
-        """Publish the issuer keys for signed tickets (retained, as gates expect)."""
-        return self.send(
-            self.topics("all")["keys"], {"version": version, "keys": list(keys)}, retain=True
+    def issuer_keys(
+        self, version: int, keys: Sequence[dict[str, Any]], *, ttl_s: float = 6 * 86400
+    ) -> str:
+        """Publish the issuer keys for signed tickets (retained, as gates expect).
+
+        A retained message is handed to every gate that connects until it expires, so it is
+        signed for days (under the gates' 7-day max_lifetime_s), not for minutes; re-publish
+        it before then."""
+        topic = self.topics("all")["keys"]
+        nonce = secrets.token_urlsafe(18)
+        payload = sign_message(
+            topic, {"version": version, "keys": list(keys)}, self.seed, ttl_s=ttl_s, nonce=nonce
         )
+        self.publish_raw(topic, payload, retain=True)
+        return nonce
