@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cloud_tool import add_cloud_commands, run_cloud_command
-from agent.control import DaemonNotRunning, request
+from agent.control import MAX_LINE, DaemonNotRunning, request
 from agent.token_tool import add_token_commands, run_token_command
 
 DEFAULT_SOCKET = Path("/run/gate-agent/control.sock")
@@ -163,12 +163,18 @@ def _wait_synced(path: Path, wait_s: float) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+# A request is one line on the control socket, which takes at most MAX_LINE bytes: chunks are
+# cut by size (with room for the envelope and the line numbers), not only by count.
+IMPORT_CHUNK_BYTES = MAX_LINE // 2
+
+
 def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]], list[str]]:
     """Read a JSON-lines file into import requests; bad lines are reported, not sent."""
     requests: list[dict[str, Any]] = []
     errors: list[str] = []
     batch: list[dict[str, Any]] = []
     lines: list[int] = []
+    size = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -181,11 +187,16 @@ def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]]
             if not isinstance(record, dict):
                 errors.append(f"line {n}: not a JSON object")
                 continue
+            length = len(json.dumps(record).encode()) + 12
+            if length > IMPORT_CHUNK_BYTES:
+                errors.append(f"line {n}: record longer than {IMPORT_CHUNK_BYTES} bytes")
+                continue
+            if batch and (len(batch) >= chunk or size + length > IMPORT_CHUNK_BYTES):
+                requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
+                batch, lines, size = [], [], 0
             batch.append(record)
             lines.append(n)
-            if len(batch) >= chunk:
-                requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
-                batch, lines = [], []
+            size += length
     if batch:
         requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
     return requests, errors
