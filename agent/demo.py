@@ -1,33 +1,46 @@
 """``make demo``: a simulated gate plays a short day at the park and says what each lane did.
 
-It starts the simulated gt-io4 board (Modbus TCP on 127.0.0.1:15020) and the real daemon with
-``config/demo.toml`` plus this run's readers: a QR scanner on L1 and an ID-card (SAM) reader
-on L2, both simulated on ptys, and a ticket issuer key made with ``gatectl token keygen``.
-Visitors scan codes and lay cards on the readers, technicians use ``gatectl``, and people
-walk through the simulated board's beams. Only synthetic identities; no ID number is shown.
+It starts a local Mosquitto and the site's reference cloud, the simulated gt-io4 board (Modbus
+TCP on 127.0.0.1:15020) and the real daemon with ``config/demo.toml`` plus this run's readers
+(a QR scanner on L1 and an ID-card (SAM) reader on L2, both simulated on ptys), a ticket issuer
+key made with ``gatectl token keygen`` and a ``[cloud]`` section that trusts this run's cloud
+key. Visitors scan codes and lay cards on the readers, technicians use ``gatectl``, the cloud
+sends tickets and signed commands, and people walk through the simulated board's beams. Only
+synthetic identities; no ID number is shown.
+
+With cloud sync on, the gate deletes an event from its outbox once the broker has it, so the
+demo looks for each event in both places: the gate's outbox and what the cloud has received.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.cloud.mqtt import LinkSettings
+from agent.cloud.reference import GateLog, ReferenceCloud
+from agent.cloud.signing import sign_message
 from agent.config import ConfigError, ModbusTcpBusConfig, load_config
+from agent.localbroker import LocalBroker
 from agent.testbed import Testbed, wait_for
+from drivers.sim.client import SimClient
 from drivers.sim.sam import SamReaderThread, synthetic_card, synthetic_id_number
 from drivers.sim.scanner import SimScanner
-from verify.token import PREFIX, b45decode, wrap
+from verify.token import PREFIX, b45decode, public_key_for, wrap
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "demo.toml"
@@ -35,6 +48,20 @@ ISSUER = "demo-park"
 E_TICKET = "ET-2026-0001"
 # What a decision at a lane leaves in the event store.
 DECISIONS = ("unlocked", "denied", "unlock_refused")
+CLOUD_TICKET = {"id": "c-501", "code": "CLOUD-2026-000501"}
+# The tour group that walks through while the broker is down: per lane, and how fast. At the
+# demo's 100 Hz poll each beam state lasts 2.5 polls, enough to be seen on a loaded machine.
+GROUP_PER_LANE = 100
+CROWD_STEP_S = 0.025
+# Short intervals so that the cloud sees status, and the gate a restarted broker, at once.
+CLOUD_OPTIONS = {
+    "status_interval_s": 2,
+    "telemetry_interval_s": 2,
+    "keepalive_s": 3,
+    "connect_timeout_s": 3,
+    "reconnect_min_s": 0.1,
+    "reconnect_max_s": 1,
+}
 
 WHAT = {
     "denied": "REFUSED",
@@ -70,17 +97,62 @@ def describe(kind: str, data: dict[str, Any]) -> str:
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One of the gate's events, wherever it is now: in its outbox or at the cloud."""
+
+    seq: int
+    kind: str
+    lane: str | None
+    data: dict[str, Any]
+
+
 class Scene:
     """Numbered steps: what people do, then one line of what the gate did."""
 
-    def __init__(self, tb: Testbed) -> None:
+    def __init__(self, tb: Testbed, cloud: ReferenceCloud, gate: str) -> None:
         self.tb = tb
+        self.cloud = cloud
+        self.gate = gate
         self.seq = self.last_seq()
         self.n = 0
         self.notes: list[str] = []
 
     def last_seq(self) -> int:
-        return max((e.seq for e in self.tb.events()), default=0)
+        """The newest seq the gate has written."""
+        return int(self.tb.status()["cache"]["outbox"]["last_seq"])
+
+    def sync(self) -> dict[str, Any]:
+        """What ``gatectl sync status`` shows: the link, the outbox, versions, counters."""
+        sync: dict[str, Any] = self.tb.ctl({"cmd": "sync_status"})["sync"]
+        return sync
+
+    def events(self, after: int) -> list[Seen]:
+        """The gate's events after seq ``after``: still in its outbox, or already at the cloud."""
+        # The outbox first: an event sent between the two reads is acked by the broker before
+        # the cloud holds it, so it may be missing from both for a moment; callers wait.
+        held = {
+            e.seq: Seen(e.seq, e.kind, e.lane, e.data) for e in self.tb.events() if e.seq > after
+        }
+        for e in self.cloud.events(self.gate):
+            if e["seq"] > after:
+                held.setdefault(e["seq"], Seen(e["seq"], e["kind"], e["lane"], e["data"]))
+        return [held[seq] for seq in sorted(held)]
+
+    def news(self) -> list[Seen]:
+        """Every event written since the last look, in order, none missing."""
+        top = self.last_seq()
+        wanted = set(range(self.seq + 1, top + 1))
+
+        def complete() -> list[Seen] | None:
+            seen = self.events(self.seq)
+            return seen if wanted <= {e.seq for e in seen} else None
+
+        news: list[Seen] = (
+            wait_for(complete, 10, f"events up to seq {top}", poll_s=0.05) if wanted else []
+        )
+        self.seq = max([top, *(e.seq for e in news)])
+        return news
 
     def section(self, title: str) -> None:
         print(f"\n{title}")
@@ -98,10 +170,7 @@ class Scene:
     def outcome(self, board: bool) -> str:
         by_lane: dict[str, list[str]] = {}
         refused: list[str] = []
-        for ev in self.tb.events():
-            if ev.seq <= self.seq:
-                continue
-            self.seq = ev.seq
+        for ev in self.news():
             if ev.kind == "audit":
                 if not ev.data.get("ok"):
                     refused.append(str(ev.data.get("error")))
@@ -110,7 +179,7 @@ class Scene:
         # Lanes that did the same thing (an emergency, a link cut) share one entry.
         merged: dict[str, list[str]] = {}
         for lane, texts in by_lane.items():
-            merged.setdefault("; ".join(texts), []).append(lane)
+            merged.setdefault("; ".join(runs(texts)), []).append(lane)
         parts = [f"{'+'.join(lanes)} {texts}" for texts, lanes in merged.items()]
         shown = " ".join(parts)
         parts += [f"gatectl refused ({r})" for r in refused if r not in shown]
@@ -139,9 +208,7 @@ class Scene:
     def decision(self, lane: str, since: int, expect: str) -> dict[str, Any]:
         """Wait for the lane to decide a credential read after event ``since``; note its screen."""
         wait_for(
-            lambda: any(
-                e.seq > since and e.lane == lane and e.kind in DECISIONS for e in self.tb.events()
-            ),
+            lambda: any(e.lane == lane and e.kind in DECISIONS for e in self.events(since)),
             5,
             f"{lane} to decide",
             poll_s=0.05,
@@ -152,13 +219,30 @@ class Scene:
         self.notes.append(f"screen: {last['prompt_zh']} / {last['prompt_en']}")
         return last
 
-    def wait_passage(self, since: int) -> None:
-        wait_for(
-            lambda: any(e.seq > since and e.kind == "passage" for e in self.tb.events()),
+    def wait_passage(self, since: int) -> Seen:
+        """The passage counted after event ``since``."""
+        found: list[Seen] = wait_for(
+            lambda: [e for e in self.events(since) if e.kind == "passage"],
             5,
             "the passage to be counted",
             poll_s=0.05,
         )
+        return found[0]
+
+    def counts(self, kind: str) -> int:
+        """How many ``kind`` events the lanes have counted since the daemon started."""
+        return sum(lane["counts"].get(kind, 0) for lane in self.tb.status()["lanes"])
+
+
+def runs(texts: list[str]) -> list[str]:
+    """Repeats shown once with a count: 100 free passages are one entry, not a hundred."""
+    out: list[tuple[str, int]] = []
+    for text in texts:
+        if out and out[-1][0] == text:
+            out[-1] = (text, out[-1][1] + 1)
+        else:
+            out.append((text, 1))
+    return [f"{text} ×{n}" if n > 1 else text for text, n in out]
 
 
 def demo_tickets(now: float) -> list[dict[str, object]]:
@@ -245,9 +329,184 @@ def short(code: str) -> str:
     return f"{code[:14]}… ({len(code)} characters)"
 
 
-def play(tb: Testbed, scanner: SimScanner, sam: SamReaderThread, issuer_seed: Path) -> None:
-    sim = tb.sim
-    s = Scene(tb)
+def cloud_scenes(s: Scene, broker: LocalBroker, scan: Callable[..., Callable[[], None]]) -> None:
+    """Tickets and commands from the cloud, a forgery, and the broker unplugged and back."""
+    tb, cloud, gate, sim = s.tb, s.cloud, s.gate, s.tb.sim
+    s.section("Cloud sync (the site cloud reaches the gate through the local Mosquitto)")
+
+    tickets_v = int(s.sync()["versions"]["tickets"])
+
+    def delta() -> None:
+        now = time.time()
+        ticket = {
+            **CLOUD_TICKET,
+            "product_id": "day",
+            "valid_from": now - 60,
+            "valid_to": now + 86400,
+        }
+        cloud.tickets_delta(tickets_v, tickets_v + 1, [ticket])
+        wait_for(lambda: s.sync()["versions"]["tickets"] == tickets_v + 1, 10, "the delta applied")
+        s.notes.append(f"gate's tickets v{tickets_v} → v{tickets_v + 1} (signed delta applied)")
+
+    s.step(
+        f"A ticket sold online: the cloud sends it as a signed delta ({CLOUD_TICKET['code']})",
+        delta,
+        settle_s=0.2,
+    )
+
+    def visitor() -> None:
+        since = s.last_seq()
+        scan(CLOUD_TICKET["code"], "ok", walk=True)()
+        seq = s.wait_passage(since).seq
+        cloud.wait(lambda c: seq in c.gates.get(gate, GateLog()).events, 10, f"seq {seq}")
+        log = cloud.gates[gate]
+        ok, detail = log.check()
+        if not ok:
+            raise RuntimeError(f"the cloud's copy of the event chain is broken: {detail}")
+        s.notes.append(f"cloud got it as seq {seq}, chain {min(log.events)}..{seq} verifies")
+
+    s.step(f'A visitor scans QR "{CLOUD_TICKET["code"]}" at L1 and walks through', visitor, 0.2)
+
+    def wheelchair() -> None:
+        ack = cloud.wait_ack(cloud.command(gate, {"cmd": "open", "lane": "L2"}))
+        if not ack["ok"]:
+            raise RuntimeError(f"the gate refused the cloud's command: {ack.get('error')}")
+        s.notes.append("cloud: ack ok")
+        since = s.last_seq()
+        sim.walk(2, "entry")
+        s.wait_passage(since)
+        tb.wait_modes("locked")
+
+    s.step(
+        "The ticket office asks the cloud to open L2 for a wheelchair user (signed command)",
+        wheelchair,
+        settle_s=0.2,
+    )
+
+    def forged() -> None:
+        topic = cloud.topics(gate)["cmd"]
+        body = {"cmd": "hold_open", "lane": "*", "on": True}
+        tb.wait_modes("locked")
+        before = sum(s.sync()["downlink_rejected"].values())
+        cloud.publish_raw(topic, sign_message(topic, body, os.urandom(32)))
+        wait_for(lambda: sum(s.sync()["downlink_rejected"].values()) > before, 10, "the refusal")
+        if set(tb.modes().values()) != {"locked"}:
+            raise RuntimeError(f"a forged command changed the lanes: {tb.modes()}")
+        refused = ", ".join(f"{k} {n}" for k, n in s.sync()["downlink_rejected"].items())
+        s.notes.append(f"gate refused it (sync status: downlink_rejected {refused})")
+
+    s.step(
+        "Someone on the network sends 'hold every lane open', signed with a key of their own",
+        forged,
+        settle_s=0.3,
+        board=True,
+    )
+
+    s.step(
+        f"A tour group of {2 * GROUP_PER_LANE} arrives: a technician holds L1 and L2 open"
+        " (gatectl hold-open)",
+        lambda: (s.gatectl("hold-open", "L1", "on")(), s.gatectl("hold-open", "L2", "on")()),
+        settle_s=0.3,
+    )
+    wait_for(lambda: s.sync()["outbox_depth"] == 0, 10, "the outbox to drain")
+    plugged_at = s.last_seq()
+    counted = s.counts("free_passage")
+
+    def unplug() -> None:
+        broker.stop()
+        sync = wait_for(lambda: (st := s.sync()) and not st["connected"] and st, 10, "offline")
+        s.notes.append(f"gate offline: sync not connected, outbox {sync['outbox_depth']} unsent")
+
+    # A clean stop (SIGTERM): Mosquitto saves the cloud's session and the messages queued for it.
+    s.step("Pull the plug: the broker shuts down", unplug, settle_s=0.2)
+
+    def group() -> None:
+        def walk(channel: int) -> None:
+            with SimClient(str(tb.sim_socket)) as client:
+                client.crowd(channel, GROUP_PER_LANE, step_s=CROWD_STEP_S, gap_s=CROWD_STEP_S)
+
+        walkers = [threading.Thread(target=walk, args=(ch,)) for ch in (1, 2)]
+        depths = [s.sync()["outbox_depth"]]
+        for w in walkers:
+            w.start()
+        while any(w.is_alive() for w in walkers):
+            time.sleep(2.0)
+            depths.append(s.sync()["outbox_depth"])
+        for w in walkers:
+            w.join()
+        passed = settled(lambda: s.counts("free_passage") - counted)
+        wait_for(lambda: s.last_seq() - plugged_at >= passed, 5, "every passage written")
+        depths.append(s.sync()["outbox_depth"])
+        growth = [str(d) for i, d in enumerate(depths) if i == 0 or d != depths[i - 1]]
+        s.notes.append(
+            f"{passed} of {2 * GROUP_PER_LANE} counted; sync status: outbox "
+            + " → ".join(growth)
+            + " unsent"
+        )
+        s.gatectl("hold-open", "L1", "off")()
+        s.gatectl("hold-open", "L2", "off")()
+
+    s.step(
+        "The group walks through while the gate is offline; then the holds are released",
+        group,
+        settle_s=0.3,
+    )
+
+    def plug_in() -> None:
+        depth = s.sync()["outbox_depth"]
+        started = time.monotonic()
+        broker.start()
+        last = wait_drained(s)
+        took = time.monotonic() - started
+        cloud.wait(lambda c: max(c.gates[gate].events, default=0) >= last, 30, f"seq {last}")
+        log = cloud.gates[gate]
+        ok, detail = log.check()  # gap-free, every hash recomputed, no seq with two ids
+        top = max(log.events)
+        if not (ok and min(log.events) == 1 and len(log.events) == top >= last):
+            raise RuntimeError(f"the cloud's copy is not every event exactly once: {detail}")
+        at_cloud = sum(1 for e in cloud.events(gate, "free_passage") if e["seq"] > plugged_at)
+        at_lanes = s.counts("free_passage") - counted
+        if at_cloud != at_lanes:
+            raise RuntimeError(f"{at_lanes} passages counted, {at_cloud} at the cloud")
+        again = f", {log.duplicates} resent copies recognised by id" if log.duplicates else ""
+        s.notes += [
+            f"outbox {depth} → 0 in {took:.1f} s",
+            f"cloud holds seq 1..{top}, each once{again}, chain intact",
+            f"free passages: {at_cloud} at the cloud = {at_lanes} counted by the lanes",
+        ]
+
+    s.step("The broker is back", plug_in, settle_s=0.2)
+
+
+def settled(read: Callable[[], int], quiet_s: float = 1.0, timeout_s: float = 10.0) -> int:
+    """A number once it has stopped changing for ``quiet_s``."""
+    value, since = read(), time.monotonic()
+    deadline = since + timeout_s
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
+def wait_drained(s: Scene, timeout_s: float = 60.0) -> int:
+    """Wait until the broker has acknowledged every event (outbox empty); the last seq."""
+    sync: dict[str, Any] = wait_for(
+        lambda: (
+            (st := s.sync())["outbox_depth"] == 0 and st["uplink"]["inflight_messages"] == 0 and st
+        ),
+        timeout_s,
+        "the outbox to drain",
+        poll_s=0.05,
+    )
+    return int(sync["uplink"]["acked_upto"])
+
+
+def play(
+    s: Scene, broker: LocalBroker, scanner: SimScanner, sam: SamReaderThread, issuer_seed: Path
+) -> None:
+    tb, sim = s.tb, s.tb.sim
 
     def scan(code: str, expect: str, walk: bool = False) -> Callable[[], None]:
         def run() -> None:
@@ -383,6 +642,8 @@ def play(tb: Testbed, scanner: SimScanner, sam: SamReaderThread, issuer_seed: Pa
     )
     s.step("Cleaning done (gatectl lockout L2 off)", s.gatectl("lockout", "L2", "off"))
 
+    cloud_scenes(s, broker, scan)
+
     s.section("Safety")
     s.step("Someone presses the EMERGENCY button", lambda: sim.emergency(True), board=True)
     s.step(
@@ -419,20 +680,39 @@ def play(tb: Testbed, scanner: SimScanner, sam: SamReaderThread, issuer_seed: Pa
     s.step("The link comes back", back, settle_s=0.3, board=True)
 
 
-def prepare(workdir: Path, scanner: SimScanner, sam: SamReaderThread) -> Path:
+def secret(path: Path) -> bytes:
+    """32 random bytes in a new file only its owner can read."""
+    value = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return value
+
+
+def cloud_toml(broker: LocalBroker, cloud_public: str) -> str:
+    """The daemon's ``[cloud]`` section: the local broker, and the demo cloud's key as anchor."""
+    lines = ["[cloud]", f"host = {json.dumps(broker.host)}", f"port = {broker.port}"]
+    lines += [f"{key} = {value}" for key, value in CLOUD_OPTIONS.items()]
+    lines += ["", "[[cloud.trust_anchors]]", f'public_key = "{cloud_public}"', ""]
+    return "\n".join(lines)
+
+
+def prepare(
+    workdir: Path, scanner: SimScanner, sam: SamReaderThread, broker: LocalBroker, cloud_seed: bytes
+) -> Path:
     """This run's config, site key and issuer key; returns the issuer's private seed file."""
     site_key = workdir / "site.key"
-    fd = os.open(site_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(32))
+    secret(site_key)
     issuer_seed = workdir / "issuer.seed"
     public = token_cli("keygen", "--out", str(issuer_seed)).split()[1]
     (workdir / "trusted.toml").write_text(
         f'[[keys]]\nissuer = "{ISSUER}"\npublic_key = "{public}"\n'
     )
+    cloud_public = public_key_for(cloud_seed).hex()
     extra = (
         f"[admission]\nholder_key_file = {json.dumps(str(site_key))}\n\n"
-        f'[[trusted_keys]]\nissuer = "{ISSUER}"\npublic_key = "{public}"\n'
+        f'[[trusted_keys]]\nissuer = "{ISSUER}"\npublic_key = "{public}"\n\n'
+        + cloud_toml(broker, cloud_public)
     )
     readers: dict[str, dict[str, Any]] = {
         "L1": {"type": "qr-serial", "port": scanner.path, "debounce_s": 0.5},
@@ -442,6 +722,10 @@ def prepare(workdir: Path, scanner: SimScanner, sam: SamReaderThread) -> Path:
     print("readers added to the lanes: L1 a QR scanner, L2 an ID-card (SAM) reader, both on ptys")
     print(f"site key for ID numbers: {site_key.name} (32 random bytes, mode 0600)")
     print(f"ticket issuer key (gatectl token keygen): public {public[:16]}…, in [[trusted_keys]]")
+    print(
+        f"[cloud]: broker {broker.host}:{broker.port}, trust anchor = the site cloud's key"
+        f" {cloud_public[:16]}…"
+    )
     return issuer_seed
 
 
@@ -449,34 +733,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gate-agent demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="keep the logs and event store")
     args = parser.parse_args(argv)
-    bus = load_config(CONFIG).config.buses[0]
+    demo = load_config(CONFIG).config
+    bus = demo.buses[0]
     assert isinstance(bus, ModbusTcpBusConfig), "config/demo.toml: the demo board is on TCP"
     port = bus.port
     workdir = Path(tempfile.mkdtemp(prefix="gate-demo-"))
     started = time.monotonic()
     print(f"gate-agent demo: simulated board on 127.0.0.1:{port}, daemon with config/{CONFIG.name}")
     print(f"work folder (this run's config, keys, logs, event store): {workdir}")
+    # The broker's and the cloud's own log lines (a lost link is expected here) go to a file.
+    logging.basicConfig(
+        filename=workdir / "demo.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     scanner = SimScanner(workdir / "scanner-L1")
     sam = SamReaderThread(workdir / "sam-L2")
     try:
-        issuer_seed = prepare(workdir, scanner, sam)
-        config = workdir / "gate.toml"
-        load_config(config)  # a mistake in what the demo added is named here, key by key
-        with Testbed(workdir, config_file=config, tcp_port=port) as tb:
-            tb.start_sim()
-            tb.start_daemon()
-            wait_for(lambda: all(r["connected"] for r in tb.status()["readers"]), 10, "the readers")
-            print("\nLanes are up:")
-            print(tb.gatectl("status").stdout.rstrip())
-            readers = tb.status()["readers"]
-            print("readers: " + ", ".join(f"{r['reader']} connected" for r in readers))
-            play(tb, scanner, sam, issuer_seed)
-            print("\nFinal status (gatectl status):")
-            print(tb.gatectl("status").stdout.rstrip())
-            counts: dict[str, int] = {}
-            for ev in tb.events():
-                counts[ev.kind] = counts.get(ev.kind, 0) + 1
-            print("\nEvents stored: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        # The cloud's signing key is this run's: the gate trusts it and nothing else.
+        cloud_seed = secret(workdir / "cloud.seed")
+        with LocalBroker(workdir / "broker") as broker:
+            link = LinkSettings(broker.host, broker.port, "demo-cloud", reconnect_max_s=1.0)
+            with ReferenceCloud(link, demo.site.id, cloud_seed) as cloud:
+                print(
+                    f"a local Mosquitto (pid {broker.pid}) listens on {broker.host}:{broker.port};"
+                    f" the site cloud of {demo.site.id} is connected to it"
+                )
+                issuer_seed = prepare(workdir, scanner, sam, broker, cloud_seed)
+                config = workdir / "gate.toml"
+                load_config(config)  # a mistake in what the demo added is named here, key by key
+                with Testbed(workdir, config_file=config, tcp_port=port) as tb:
+                    run(tb, cloud, broker, scanner, sam, issuer_seed)
     except ConfigError as exc:
         print(f"\ndemo failed: {exc}\n" + "\n".join(exc.errors), file=sys.stderr)
         return 1
@@ -490,9 +777,43 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"\ndemo finished in {time.monotonic() - started:.0f} s: every lane was driven over"
-        " Modbus by the real daemon, every credential read by its reader."
+        " Modbus by the real daemon, every credential read by its reader, every event"
+        " delivered to the cloud."
     )
     return 0
+
+
+def run(
+    tb: Testbed,
+    cloud: ReferenceCloud,
+    broker: LocalBroker,
+    scanner: SimScanner,
+    sam: SamReaderThread,
+    issuer_seed: Path,
+) -> None:
+    """Start the board and the daemon, play the scenes, show where every event ended up."""
+    tb.start_sim()
+    tb.start_daemon()
+    gate = str(tb.status()["gate"])
+    wait_for(lambda: all(r["connected"] for r in tb.status()["readers"]), 10, "the readers")
+    s = Scene(tb, cloud, gate)
+    wait_for(lambda: s.sync()["connected"], 15, "the gate to connect to the broker")
+    print("\nLanes are up:")
+    print(tb.gatectl("status").stdout.rstrip())
+    readers = tb.status()["readers"]
+    print("readers: " + ", ".join(f"{r['reader']} connected" for r in readers))
+    print(f"cloud sync: {gate} connected to {s.sync()['broker']}")
+    play(s, broker, scanner, sam, issuer_seed)
+    print("\nFinal status (gatectl status):")
+    print(tb.gatectl("status").stdout.rstrip())
+    last = wait_drained(s)
+    cloud.wait(lambda c: max(c.gates[gate].events, default=0) >= last, 30, f"seq {last}")
+    _, detail = cloud.gates[gate].check()
+    counts: dict[str, int] = {}
+    for e in cloud.events(gate):
+        counts[e["kind"]] = counts.get(e["kind"], 0) + 1
+    print(f"\nThe cloud holds every event of {gate} ({detail}), the gate's outbox is empty:")
+    print("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 if __name__ == "__main__":
