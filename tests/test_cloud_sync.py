@@ -340,14 +340,12 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path, broker: LocalB
         gate = tb.status()["gate"]
         assert cloud.wait_ack(cloud.command(gate, {"cmd": "open", "lane": "L2"}))["ok"]
     password.write_text("wrong\n")
-    with (
-        pytest.raises(TimeoutError),
-        gate_with_cloud(tmp_path / "bad", broker, port=broker.tls_port, cloud_options=options) as (
-            tb,
-            _,
-        ),
-    ):
-        pass
+    with gate_with_cloud(
+        tmp_path / "bad", broker, port=broker.tls_port, cloud_options=options, connected=False
+    ) as (tb, _):
+        wait_for(lambda: "refused" in str(sync_status(tb).get("last_error")), 10, "the refusal")
+        assert not sync_status(tb)["connected"]
+        assert tb.modes() == {"L1": "locked", "L2": "locked"}, "the gate works on offline"
 
 
 def test_status_online_last_will_and_clean_offline(tmp_path: Path, broker: LocalBroker) -> None:

@@ -212,7 +212,8 @@ class MqttLink:
         # Runs on paho's thread: tell it to end rather than reconnect by itself; the next
         # connection is a new client, after a jittered wait.
         client.loop_stop()
-        if not self._stop.is_set():
+        # A connection the broker refused already said why; keep that as the last error.
+        if not self._stop.is_set() and (self._connack_conn == conn or self.last_error is None):
             self._set_error(f"link to {self.settings.host}:{self.settings.port} lost ({rc})")
         self._mark_down(conn, str(rc))
         ended.set()
