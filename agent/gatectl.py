@@ -80,8 +80,8 @@ def print_status(st: dict[str, Any]) -> None:
     o = c["outbox"]
     alarm = "" if o["alarm"] == "none" else f"  OUTBOX {o['alarm'].upper()}"
     print(
-        f"events: {c['written']} written, {c['queued']} queued, {c['failed']} failed; "
-        f"outbox {o['depth']} of {o['max_events']}{alarm}"
+        f"events: last seq {o['last_seq']}, outbox {o['depth']} unsent of {o['max_events']}"
+        f"{alarm}; writer {c['written']} jobs done, {c['queued']} queued, {c['failed']} failed"
     )
     print(
         f"cache: {c['tickets']} tickets, {c['products']} products, {c['blocks']} blocks, "
