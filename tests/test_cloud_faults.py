@@ -72,6 +72,7 @@ def assert_all_delivered(tb: Testbed, cloud: ReferenceCloud, timeout_s: float) -
     return int(last)
 
 
+@pytest.mark.timeout(PASSAGES // 40 + 120)
 def test_broker_outage_every_passage_arrives_once_in_order(
     tmp_path: Path, broker: LocalBroker
 ) -> None:
@@ -102,6 +103,7 @@ def test_broker_outage_every_passage_arrives_once_in_order(
         assert log.received - log.duplicates == last
 
 
+@pytest.mark.timeout(KILLS * 5 + 60)
 def test_daemon_killed_during_traffic_loses_nothing(tmp_path: Path, broker: LocalBroker) -> None:
     rng = random.Random(4)
     with gate_with_cloud(tmp_path / "gate", broker, lanes=2, bus={"poll_hz": 500}) as (
@@ -139,6 +141,7 @@ def test_daemon_killed_during_traffic_loses_nothing(tmp_path: Path, broker: Loca
         assert log.received >= last
 
 
+@pytest.mark.timeout(180)
 def test_link_cut_mid_batch_and_silent_link_lose_nothing(
     tmp_path: Path, broker: LocalBroker
 ) -> None:
