@@ -79,6 +79,7 @@ bench: venv
 	$(PYTHON) -m tests.bench_cache
 	$(PYTHON) -m tests.bench_qr
 	$(PYTHON) -m tests.bench_lanes
+	$(PYTHON) -m tests.bench_cloud
 
 # Longer crash soaks than `make test` runs: 500 SIGKILLs of the daemon during passages, and
 # 200 during traffic with cloud sync (nothing may be lost on the way to the cloud).
