@@ -46,6 +46,9 @@ def _run(args: argparse.Namespace) -> int:
     # `kill -USR1 <pid>` dumps every thread's stack: the first thing to ask for when a
     # controller in the field misbehaves.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Threads (cache writer, uplink, snapshot apply) hand the GIL back to the event loop after
+    # 1 ms instead of 5: the lanes' decisions wait less behind bulk work.
+    sys.setswitchinterval(0.001)
     logs.setup(args.log_level or d.log_level, args.log_format or d.log_format)
     try:
         daemon = Daemon(

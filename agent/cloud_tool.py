@@ -309,7 +309,9 @@ def add_cloud_commands(subparsers: Any) -> None:
     )
     ts.add_argument("--version", required=True, type=_version, metavar="N")
     ts.add_argument("--products-version", type=_version, metavar="N")
-    ts.add_argument("--chunk", type=int, default=5000, help="tickets per message (default 5000)")
+    ts.add_argument(
+        "--chunk", type=int, default=5000, help="tickets per message (default and most: 5000)"
+    )
     ts.add_argument("file", metavar="FILE.jsonl")
     _wait_option(ts)
 

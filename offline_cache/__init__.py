@@ -5,7 +5,7 @@ file (``gate.db``). ``Cache`` is the entry point; ``verify_chain`` and ``read_ev
 the file directly (gatectl, tests, the demo).
 """
 
-from offline_cache.cache import Cache
+from offline_cache.cache import Cache, validate_tickets
 from offline_cache.errors import (
     CacheClosed,
     CacheError,
@@ -22,6 +22,7 @@ from offline_cache.values import (
     Problem,
     Reservation,
     SnapshotResult,
+    ValidatedChunk,
 )
 
 __all__ = [
@@ -39,8 +40,10 @@ __all__ = [
     "SnapshotResult",
     "StoredEvent",
     "UnknownReservation",
+    "ValidatedChunk",
     "holder_hash",
     "load_site_key",
     "read_events",
+    "validate_tickets",
     "verify_chain",
 ]

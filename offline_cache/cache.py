@@ -55,6 +55,7 @@ from offline_cache.values import (
     Problem,
     Reservation,
     SnapshotResult,
+    ValidatedChunk,
 )
 from offline_cache.writer import Writer
 from verify.model import (
@@ -584,6 +585,11 @@ class Cache:
 
     # --- settings ---------------------------------------------------------------------------
 
+    @property
+    def cloud_time(self) -> float | None:
+        """The latest time the cloud told us, if any."""
+        return self._cloud_time
+
     def set_cloud_time(self, t: float) -> Future[None]:
         """Remember the latest time the cloud told us (the device clock must not be before it)."""
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
@@ -654,11 +660,14 @@ class Cache:
     def apply_snapshot(
         self,
         version: int,
-        chunks: Iterable[Sequence[Mapping[str, Any]]],
+        chunks: Iterable[Sequence[Mapping[str, Any]] | ValidatedChunk],
         *,
         force: bool = False,
     ) -> SnapshotResult:
         """Replace all tickets with a streamed snapshot; blocks until swapped in.
+
+        A chunk is a sequence of ticket records, or a ValidatedChunk of rows that
+        ``validate_tickets`` made (in another process, say).
 
         Call it from a worker thread, not the event loop. Decisions keep using the old
         tickets until the swap. Apply the products of the same snapshot first.
@@ -677,6 +686,17 @@ class Cache:
             rejected = index = 0
             try:
                 for chunk in chunks:
+                    if isinstance(chunk, ValidatedChunk):
+                        rows = chunk.rows
+                        rejected += chunk.records - len(chunk.rows)
+                        for problem in chunk.problems[: sync.MAX_PROBLEMS - len(problems)]:
+                            problems.append(Problem(index + problem.line, problem.reason))
+                        index += chunk.records
+                        if rows:
+                            self._writer.submit_large(
+                                "snapshot rows", sync.snapshot_rows(rows)
+                            ).result()
+                        continue
                     rows = []
                     for rec in chunk:
                         index += 1
@@ -718,6 +738,10 @@ class Cache:
             result.seconds,
         )
         return result
+
+    def validation_settings(self) -> tuple[bytes | None, int]:
+        """The site key and UTC offset that validate_tickets needs to make this cache's rows."""
+        return self._key, self.policy.utc_offset_s
 
     def _ticket(self, rec: object) -> Any:
         return ticket_row(rec, key=self._key, utc_offset_s=self.policy.utc_offset_s)
@@ -884,3 +908,18 @@ class Cache:
             "db_bytes": size,
             "reservations": len(self._active_holds()),
         }
+
+
+def validate_tickets(
+    records: Sequence[object], key: bytes | None, utc_offset_s: int
+) -> ValidatedChunk:
+    """Validate ticket records into snapshot rows; pure, so another process can do it."""
+    rows: list[tuple[Any, ...]] = []
+    problems: list[Problem] = []
+    for n, rec in enumerate(records, 1):
+        try:
+            rows.append(ticket_row(rec, key=key, utc_offset_s=utc_offset_s))
+        except RecordError as exc:
+            if len(problems) < sync.MAX_PROBLEMS:
+                problems.append(Problem(n, str(exc)))
+    return ValidatedChunk(rows, len(records), tuple(problems))

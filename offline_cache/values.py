@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from verify.model import Direction
 
@@ -86,3 +86,13 @@ class ImportResult:
     rejected: int = 0
     problems: tuple[Problem, ...] = ()
     """The first problems, by line number (at most 100; ``rejected`` counts them all)."""
+
+
+@dataclass(frozen=True)
+class ValidatedChunk:
+    """Snapshot rows already validated elsewhere (e.g. in a worker process), with the number
+    of records that failed validation and the first problems (numbered within the chunk)."""
+
+    rows: list[tuple[Any, ...]]
+    records: int
+    problems: tuple[Problem, ...] = ()

@@ -776,6 +776,16 @@ def bench_snapshot(
             emit(f"{name}_dropped", status["downlink_rejected"].get("overload", 0), "messages")
             return
         assert tb.status()["cache"]["tickets"] == cached
+        # Where in the apply the slow lookups fall (tenths of the apply time): the streaming
+        # chunks, or the final index build and swap.
+        tenths = [
+            lookups.between(t0 + k * (t1 - t0) / 10, t0 + (k + 1) * (t1 - t0) / 10)
+            for k in range(10)
+        ]
+        info(
+            f"{name}: lookup p99 by tenth of the apply: "
+            + " ".join(f"{pct(x, 99):.1f}" if x else "-" for x in tenths)
+        )
         emit(f"{name}_apply_s", t1 - t0, "s")
         emit(f"{name}_decide_p50_ms", statistics.median(during), "ms")
         emit(f"{name}_decide_p99_ms", pct(during, 99), "ms")

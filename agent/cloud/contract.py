@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 PREFIX = "gate/v1"
+MAX_CHUNK_TICKETS = 5000
+"""Bounds the memory and the time one snapshot chunk takes to check (in the worker process)."""
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
 
 UP_KINDS = ("events", "status", "telemetry", "cmd/ack", "resync")
@@ -140,7 +142,10 @@ class TicketsSnapshot(_Strict):
         None, description="chunk 0 only: every product (replaces all), applied first"
     )
     products_version: int | None = Field(None, ge=1, description="with products")
-    tickets: list[dict[str, Any]] = Field(description="ticket records of this chunk")
+    tickets: list[dict[str, Any]] = Field(
+        max_length=MAX_CHUNK_TICKETS,
+        description="ticket records of this chunk, at most 5,000",
+    )
 
 
 TicketsBody = Annotated[TicketsDelta | TicketsSnapshot, Field(discriminator="op")]

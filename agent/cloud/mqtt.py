@@ -51,6 +51,11 @@ class LinkSettings:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
     max_packet_bytes: int = 16 * 1024 * 1024
+    manual_ack: bool = False
+    """Acknowledge a received message only when the caller calls ack(): with receive_maximum
+    this is flow control, the broker holding back what the gate has not handled yet."""
+    receive_maximum: int = 0
+    """MQTT 5: messages the broker may have in flight to us at once (0: the broker's choice)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ class Incoming:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
+    dup: bool = False
 
 
 class LinkListener:
@@ -125,6 +133,18 @@ class MqttLink:
         """Skip the backoff wait (``gatectl sync now``)."""
         self._wake.set()
 
+    def ack(self, conn: int, msg: Incoming) -> None:
+        """Acknowledge a received QoS 1 message (manual_ack); a message of a connection that
+        has since ended is not: the broker hands it out again."""
+        if msg.qos == 0:
+            return
+        with self._lock:
+            client = self._client if self.connected and conn == self.conn else None
+        if client is None:
+            return
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            client.ack(msg.mid, msg.qos)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a message on the current connection; its mid, or -1 when not connected."""
         with self._lock:
@@ -157,6 +177,7 @@ class MqttLink:
             client_id=s.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else False,
+            manual_ack=s.manual_ack,
         )
         client.connect_timeout = s.connect_timeout_s
         # Our own window bounds what is in flight; paho must never hold messages back.
@@ -184,7 +205,16 @@ class MqttLink:
             self.listener.acked, conn, mid, not rc.is_failure
         )
         client.on_message = lambda c, u, msg: self._post(
-            self.listener.message, conn, Incoming(msg.topic, bytes(msg.payload), bool(msg.retain))
+            self.listener.message,
+            conn,
+            Incoming(
+                msg.topic,
+                bytes(msg.payload),
+                bool(msg.retain),
+                int(msg.mid),
+                int(msg.qos),
+                bool(msg.dup),
+            ),
         )
         return client
 
@@ -240,6 +270,8 @@ class MqttLink:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s
         props.MaximumPacketSize = self.settings.max_packet_bytes
+        if self.settings.receive_maximum:
+            props.ReceiveMaximum = self.settings.receive_maximum
         return props
 
     def _run(self) -> None:

@@ -13,15 +13,19 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.cloud import worker
 from agent.cloud.contract import (
     BlocklistDelta,
     BlocklistReplace,
@@ -37,11 +41,11 @@ from agent.cloud.mqtt import Incoming, LinkListener, LinkSettings, MqttLink
 from agent.cloud.signing import Anchor, DownlinkVerifier, Rejected, Verified
 from agent.cloud.uplink import Uplink
 from agent.config import CloudConfig
-from offline_cache import Cache
+from offline_cache import Cache, ValidatedChunk
 
 log = logging.getLogger(__name__)
 
-MAX_QUEUED_BYTES = 64 * 1024 * 1024
+DOWNLINK_WINDOW = 4
 SNAPSHOT_CHUNK_TIMEOUT_S = 120.0
 _END = object()
 
@@ -71,6 +75,26 @@ class _Snapshot:
     """Every chunk is in; the apply thread may still be writing and swapping."""
     held: list[TicketsDelta] = field(default_factory=list)
     """Deltas on top of this snapshot that arrived while it streamed in."""
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, item: object) -> bool:
+        """Hand the apply thread a chunk (or _END); blocks while it has two waiting. False if
+        the snapshot was abandoned or its thread has ended."""
+        while not self.abandoned.is_set():
+            try:
+                self.chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                if not self.thread.is_alive():
+                    return False
+        return False
+
+    def abandon(self) -> None:
+        self.abandoned.set()
+        # Wake the apply thread if it waits for a chunk; if the queue is full it is busy and
+        # sees the flag at its next chunk.
+        with contextlib.suppress(queue.Full):
+            self.chunks.put_nowait(None)
 
 
 def read_secret(path: Path) -> str:
@@ -100,6 +124,11 @@ def link_settings(
         reconnect_min_s=cfg.reconnect_min_s,
         reconnect_max_s=cfg.reconnect_max_s,
         max_packet_bytes=max(cfg.max_message_bytes * 2, 16 * 1024 * 1024),
+        # Flow control: the broker sends at most a few messages ahead, and the gate
+        # acknowledges each only once it has handled it, so nothing is acknowledged and then
+        # dropped, however fast the cloud sends.
+        manual_ack=True,
+        receive_maximum=DOWNLINK_WINDOW,
     )
 
 
@@ -162,14 +191,14 @@ class CloudSync(LinkListener):
         self.last_contact: float | None = None
         self.last_connected_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: asyncio.Queue[Incoming] | None = None
-        self._queued_bytes = 0
+        self._inbox: asyncio.Queue[tuple[int, Incoming]] | None = None
         self._snapshot: _Snapshot | None = None
         self._publish_status = asyncio.Event()
         self._last_counts: dict[str, dict[str, dict[str, int]]] = {}
         self._keys_version = 0
         self._warned_faces = False
         self._background: set[asyncio.Task[None]] = set()
+        self._pool: ProcessPoolExecutor | None = None
 
     # --- link listener: called on the link thread -----------------------------------------
 
@@ -185,7 +214,7 @@ class CloudSync(LinkListener):
         self.last_contact = time.time()
 
     def message(self, conn: int, msg: Incoming) -> None:
-        self._call(self._enqueue, msg)
+        self._call(self._enqueue, conn, msg)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -200,22 +229,19 @@ class CloudSync(LinkListener):
         self.last_contact = self.last_connected_at = time.time()
         self._publish_status.set()
 
-    def _enqueue(self, msg: Incoming) -> None:
+    def _enqueue(self, conn: int, msg: Incoming) -> None:
         assert self._inbox is not None
         self.last_contact = time.time()
-        if self._queued_bytes + len(msg.payload) > MAX_QUEUED_BYTES:
-            # The broker has had its PUBACK: a dropped delta shows as a gap and is re-requested.
-            self.rejected["overload"] += 1
-            log.warning("cloud: downlink arriving faster than it applies; message dropped")
-            return
-        self._queued_bytes += len(msg.payload)
-        self._inbox.put_nowait(msg)
+        # Unbounded on our side: the broker's Receive Maximum bounds what is in flight.
+        self._inbox.put_nowait((conn, msg))
 
     async def run(self) -> None:
         """Run until cancelled; never raises into the daemon."""
         self._loop = asyncio.get_running_loop()
         self._inbox = asyncio.Queue()
         self._keys_version = int(self.cache.state("keys_version", 0) or 0)
+        # Started now, so that its imports are done before the first snapshot arrives.
+        self._pool = self._start_worker()
         self.cache.watch_outbox(self.uplink.wake)
         self.uplink.start()
         self.link.start()
@@ -239,8 +265,10 @@ class CloudSync(LinkListener):
         )
         await asyncio.to_thread(self.link.stop, final)
         await asyncio.to_thread(self.uplink.stop)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._snapshot is not None:
-            self._snapshot.chunks.put(None)
+            self._snapshot.abandon()
 
     def sync_now(self) -> None:
         self.link.retry_now()
@@ -344,19 +372,26 @@ class CloudSync(LinkListener):
     async def _downlink(self) -> None:
         assert self._inbox is not None
         while True:
-            msg = await self._inbox.get()
-            self._queued_bytes -= len(msg.payload)
+            conn, msg = await self._inbox.get()
             try:
                 await self._handle(msg)
             except Exception:
                 # A bug in applying one message must not end the downlink for good.
                 self.rejected["error"] += 1
                 log.exception("cloud: downlink message on %s could not be applied", msg.topic)
+            # Handled (applied, refused or failed): only now may the broker forget it.
+            self.link.ack(conn, msg)
 
     async def _handle(self, msg: Incoming) -> None:
         now = time.time()
+        chunk: ValidatedChunk | None = None
         try:
-            verified = await asyncio.to_thread(self.verifier.verify, msg.topic, msg.payload, now)
+            if msg.topic == self.topics["tickets"]:
+                verified, chunk = await self._check_in_worker(msg, now)
+            else:
+                verified = await asyncio.to_thread(
+                    self.verifier.verify, msg.topic, msg.payload, now
+                )
         except Rejected as rej:
             self.rejected[rej.reason] += 1
             # Never the payload: it may be anything anyone sent.
@@ -366,18 +401,55 @@ class CloudSync(LinkListener):
             self.cache.remember_nonce(verified.nonce, verified.exp, now)
         )
         if not fresh:
-            if msg.retain:
-                self.duplicates += 1  # the broker hands a retained message out on every connect
+            if msg.retain or msg.dup:
+                # A retained message is handed out on every connect, and one we handled but
+                # could not acknowledge before the link dropped comes again: not an attack.
+                self.duplicates += 1
                 return
             self.rejected["replayed"] += 1
             log.warning("cloud: refused a replayed message on %s", msg.topic)
             return
-        if verified.iat > (self.cache.stats()["cloud_time"] or 0.0):
+        if verified.iat > (self.cache.cloud_time or 0.0):
             self.cache.set_cloud_time(verified.iat)
         self.applied[verified.kind] += 1
-        await self._apply(verified)
+        await self._apply(verified, chunk)
 
-    async def _apply(self, v: Verified) -> None:
+    async def _check_in_worker(
+        self, msg: Incoming, now: float
+    ) -> tuple[Verified, ValidatedChunk | None]:
+        """Verify (and validate a snapshot chunk) in the worker process; in a thread if the
+        worker is gone (it is started again for the next message)."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = self._start_worker()
+        try:
+            checked = await asyncio.get_running_loop().run_in_executor(
+                pool, worker.check, msg.topic, msg.payload, now
+            )
+        except BrokenProcessPool:
+            log.error("cloud: the verification worker died; verifying in the daemon")
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            return await asyncio.to_thread(self.verifier.verify, msg.topic, msg.payload, now), None
+        return checked.verified, checked.chunk
+
+    def _start_worker(self) -> ProcessPoolExecutor:
+        key, utc_offset_s = self.cache.validation_settings()
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=worker.init,
+            initargs=(
+                self.verifier.anchor_list(),
+                self.topics,
+                self.cfg.max_message_bytes,
+                self.cfg.max_lifetime_s,
+                key,
+                utc_offset_s,
+            ),
+        )
+
+    async def _apply(self, v: Verified, chunk: ValidatedChunk | None = None) -> None:
         body = v.body
         if v.kind in ("cmd", "all_cmd"):
             await self._command(v)
@@ -392,7 +464,7 @@ class CloudSync(LinkListener):
                 body.kind, body.from_version, body.to_version, body.upserts, body.deletes
             )
         elif isinstance(body, TicketsSnapshot):
-            await self._snapshot_chunk(body)
+            await self._snapshot_chunk(body, chunk)
         elif isinstance(body, BlocklistDelta):
             await self._delta(
                 "blocks", body.from_version, body.to_version, body.upserts, body.deletes
@@ -469,7 +541,9 @@ class CloudSync(LinkListener):
         self._publish(up_topic(self.site, self.gate, "cmd/ack"), self._json(ack))
         log.info("cloud: command %s -> %s", name, "ok" if reply.get("ok") else reply.get("error"))
 
-    async def _snapshot_chunk(self, chunk: TicketsSnapshot) -> None:
+    async def _snapshot_chunk(
+        self, chunk: TicketsSnapshot, rows: ValidatedChunk | None = None
+    ) -> None:
         snap = self._snapshot
         streaming = snap is not None and not snap.complete
         if chunk.index == 0:
@@ -499,12 +573,15 @@ class CloudSync(LinkListener):
             else:
                 self.rejected["snapshot_out_of_order"] += 1
             return
-        snap.chunks.put(chunk.tickets)
+        # The queue holds two chunks: waiting here holds back the acknowledgement, and so the
+        # broker, while the apply thread writes (memory stays flat, however big the snapshot).
+        if not await asyncio.to_thread(snap.put, rows if rows is not None else chunk.tickets):
+            return
         snap.next_index = chunk.index + 1
         snap.last_chunk_at = time.monotonic()
         if snap.next_index == snap.count:
-            snap.chunks.put(_END)
             snap.complete = True
+            await asyncio.to_thread(snap.put, _END)
 
     def _after_snapshot(self, snap: _Snapshot) -> None:
         """On the loop, once the apply thread is done: apply the deltas held meanwhile."""
@@ -523,15 +600,15 @@ class CloudSync(LinkListener):
         self._publish_status.set()
 
     def _start_snapshot(self, first: TicketsSnapshot) -> _Snapshot:
-        chunks: queue.Queue[Any] = queue.Queue()
+        chunks: queue.Queue[Any] = queue.Queue(maxsize=2)
 
         def feed() -> Iterator[list[dict[str, Any]]]:
             while True:
                 item = chunks.get()
+                if item is None or snap.abandoned.is_set():
+                    raise RuntimeError("snapshot abandoned")
                 if item is _END:
                     return
-                if item is None:
-                    raise RuntimeError("snapshot abandoned")
                 yield item
 
         def apply() -> None:
@@ -564,7 +641,7 @@ class CloudSync(LinkListener):
         self._snapshot = None
         self.rejected["snapshot_incomplete"] += 1
         log.warning("cloud: snapshot %s abandoned: %s", snap.snapshot, why)
-        snap.chunks.put(None)
+        snap.abandon()
 
     def _check_snapshot_stalled(self) -> None:
         snap = self._snapshot

@@ -34,6 +34,10 @@ class Rejected(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[Rejected], tuple[str, str]]:
+        # Raised in the verification worker process and re-raised here: keep both fields.
+        return (Rejected, (self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class Anchor:
@@ -106,10 +110,14 @@ class DownlinkVerifier:
         self.anchors: dict[str, list[Anchor]] = {}
         for a in anchors:
             self.anchors.setdefault(a.kid, []).append(a)
+        self.topics = dict(topics)
         self.kinds = {topic: kind for kind, topic in topics.items()}
         self.max_bytes = max_bytes
         self.max_lifetime_s = max_lifetime_s
         self.clock_skew_s = clock_skew_s
+
+    def anchor_list(self) -> list[Anchor]:
+        return [a for group in self.anchors.values() for a in group]
 
     def verify(self, topic: str, raw: bytes, now: float) -> Verified:
         """The checked message, or Rejected with the reason."""
