@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -380,3 +381,36 @@ def test_mqtt_3_1_1_fallback(tmp_path: Path, broker: LocalBroker) -> None:
         cloud.wait_events(gate, 1, 10, kind="passage")
         ok, detail = cloud.gates[gate].check()
         assert ok, detail
+
+
+def _workers(pid: int) -> list[int]:
+    """The daemon's verification worker processes (multiprocessing spawn children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields[1] == str(pid) and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_dead_verification_worker_is_replaced_and_nothing_is_lost(
+    tmp_path: Path, broker: LocalBroker
+) -> None:
+    now = time.time()
+    day = {"product_id": "day", "valid_from": now - 60, "valid_to": now + 3600}
+    with gate_with_cloud(tmp_path, broker) as (tb, cloud):
+        assert tb.daemon_proc is not None
+        [worker] = wait_for(lambda: _workers(tb.daemon_proc.pid), 10, "the worker process")
+        os.kill(worker, signal.SIGKILL)
+        cloud.tickets_delta(0, 1, [{"id": "day", "zones": {"park": 1}}], kind="products")
+        cloud.tickets_delta(0, 1, [{"id": "t1", "code": "C-1", **day}])
+        wait_for(lambda: sync_status(tb)["versions"]["tickets"] == 1, 15, "the delta applied")
+        tickets = [{"id": f"s{i}", "code": f"S-{i}", **day} for i in range(3000)]
+        cloud.snapshot(2, tickets, chunk=1000)
+        wait_for(lambda: sync_status(tb)["versions"]["tickets"] == 2, 30, "the snapshot applied")
+        assert tb.ctl({"cmd": "cache_lookup", "code": "S-2999"})["decision"]["reason"] == "ok"
+        assert len(_workers(tb.daemon_proc.pid)) == 1, "a new worker took over"

@@ -240,8 +240,10 @@ class CloudSync(LinkListener):
         self._loop = asyncio.get_running_loop()
         self._inbox = asyncio.Queue()
         self._keys_version = int(self.cache.state("keys_version", 0) or 0)
-        # Started now, so that its imports are done before the first snapshot arrives.
+        # Started now (a pool starts its process at the first task), so that its imports are
+        # done before the first snapshot arrives.
         self._pool = self._start_worker()
+        self._pool.submit(worker.ready)
         self.cache.watch_outbox(self.uplink.wake)
         self.uplink.start()
         self.link.start()
