@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -448,6 +449,7 @@ class CloudSync(LinkListener):
                 self.cfg.max_lifetime_s,
                 key,
                 utc_offset_s,
+                os.getpid(),
             ),
         )
 

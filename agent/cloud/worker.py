@@ -38,6 +38,7 @@ def init(
     max_lifetime_s: float,
     key: bytes | None,
     utc_offset_s: int,
+    daemon_pid: int,
 ) -> None:
     """Set up the worker process (ProcessPoolExecutor initializer)."""
     global _verifier, _key, _utc_offset_s
@@ -45,11 +46,11 @@ def init(
         anchors, topics, max_bytes=max_bytes, max_lifetime_s=max_lifetime_s
     )
     _key, _utc_offset_s = key, utc_offset_s
-    parent = os.getppid()
 
     def watch() -> None:
-        # Orphaned (the daemon was killed): go too, rather than linger.
-        while os.getppid() == parent:
+        # Orphaned (the daemon was killed, perhaps before this process even got here): go
+        # too, rather than linger.
+        while os.getppid() == daemon_pid:
             time.sleep(1.0)
         os._exit(0)
 
