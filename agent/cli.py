@@ -22,10 +22,12 @@ def _check(path: str) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     cfg = site.config
+    readers = sum(len(lane.readers) for lane in cfg.lanes)
+    sync = f"cloud sync with {cfg.cloud.host}:{cfg.cloud.port}" if cfg.cloud else "no cloud sync"
     print(
         f"OK: {path}: site {cfg.site.id}, gate {cfg.site.gate_id}, {len(cfg.buses)} bus(es), "
-        f"{len(cfg.boards)} board(s), {len(cfg.lanes)} lane(s), "
-        f"{len(cfg.safety.inputs)} safety input(s)"
+        f"{len(cfg.boards)} board(s), {len(cfg.lanes)} lane(s) with {readers} reader(s), "
+        f"{len(cfg.safety.inputs)} safety input(s), {sync}"
     )
     return 0
 
