@@ -261,10 +261,12 @@ class Uplink:
                 f'{{"seq":{seq},"id":{dumps(eid)},"ts":{dumps(ts)},"kind":{dumps(kind)},'
                 f'"lane":{dumps(lane)},"data":{data},"prev_hash":"{prev}","hash":"{digest}"}}'
             )
-            if parts and size + len(part) + 1 > self.batch_bytes:
+            # Bytes, not characters: ticket ids and reasons may be Chinese.
+            length = len(part.encode()) + 1
+            if parts and size + length > self.batch_bytes:
                 break
             parts.append(part)
-            size += len(part) + 1
+            size += length
             last = seq
         body = self._head + ",".join(parts) + "]}"
         return body.encode(), last, len(parts)
