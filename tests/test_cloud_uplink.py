@@ -61,4 +61,4 @@ def test_one_event_larger_than_a_batch_is_still_sent_alone() -> None:
     seq, eid, ts, kind, lane, _, prev, digest = _rows(1)[0]
     huge = data_json({"note": "x" * 10_000})
     payload, last, count = _uplink(4096)._message([(seq, eid, ts, kind, lane, huge, prev, digest)])
-    assert count == 1 and len(payload) > 4096
+    assert count == 1 and last == 1 and len(payload) > 4096
