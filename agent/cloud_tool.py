@@ -531,10 +531,12 @@ class SiteCloud:
     # --- on the link thread -----------------------------------------------------------------
 
     def _message(self, msg: Incoming) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) < 5:
+        from agent.cloud.contract import parse_up_topic
+
+        where = parse_up_topic(msg.topic)
+        if where is None:
             return
-        gate, kind = parts[3], "/".join(parts[4:])
+        gate, kind = where
         try:
             body = json.loads(msg.payload)
         except ValueError:
@@ -730,50 +732,43 @@ def _read_records(path: str, types: set[str], default_type: str | None = None) -
         block_row,
         delete_key,
         product_row,
+        read_json_lines,
         ticket_row,
     )
 
     records: list[_Record] = []
     errors: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip() or raw.lstrip().startswith("#"):
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                errors.append(f"line {n}: not JSON ({exc.msg})")
-                continue
-            if not isinstance(rec, dict):
-                errors.append(f"line {n}: not a JSON object")
-                continue
-            kind = rec.pop("type", default_type)
-            delete = rec.pop("delete", False)
-            if kind not in types:
-                errors.append(f"line {n}: type: expected {' or '.join(sorted(types))}")
-                continue
-            if not isinstance(delete, bool):
-                errors.append(f"line {n}: delete: expected true or false")
-                continue
-            if "holder_id" in rec:
-                errors.append(f"line {n}: holder_id: send holder_hash; no ID number over MQTT")
-                continue
-            try:
-                if delete:
-                    if kind == "block":
-                        block_key(rec, key=None)
-                    else:
-                        delete_key("tickets", rec, key=None)
-                elif kind == "ticket":
-                    ticket_row(rec, key=None, utc_offset_s=0)
-                elif kind == "product":
-                    product_row(rec)
+    for n, rec, why in read_json_lines(path):
+        if rec is None:
+            errors.append(f"line {n}: {why}")
+            continue
+        kind = rec.pop("type", default_type)
+        delete = rec.pop("delete", False)
+        if kind not in types:
+            errors.append(f"line {n}: type: expected {' or '.join(sorted(types))}")
+            continue
+        if not isinstance(delete, bool):
+            errors.append(f"line {n}: delete: expected true or false")
+            continue
+        if "holder_id" in rec:
+            errors.append(f"line {n}: holder_id: send holder_hash; no ID number over MQTT")
+            continue
+        try:
+            if delete:
+                if kind == "block":
+                    block_key(rec, key=None)
                 else:
-                    block_row(rec, key=None, utc_offset_s=0)
-            except RecordError as exc:
-                errors.append(f"line {n}: {exc}")
-                continue
-            records.append(_Record(str(kind), rec, delete))
+                    delete_key("tickets", rec, key=None)
+            elif kind == "ticket":
+                ticket_row(rec, key=None, utc_offset_s=0)
+            elif kind == "product":
+                product_row(rec)
+            else:
+                block_row(rec, key=None, utc_offset_s=0)
+        except RecordError as exc:
+            errors.append(f"line {n}: {exc}")
+            continue
+        records.append(_Record(str(kind), rec, delete))
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""

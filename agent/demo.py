@@ -36,7 +36,7 @@ from agent.cloud.reference import GateLog, ReferenceCloud
 from agent.cloud.signing import sign_message
 from agent.config import ConfigError, ModbusTcpBusConfig, load_config
 from agent.localbroker import LocalBroker
-from agent.testbed import Testbed, wait_for
+from agent.testbed import Testbed, cloud_toml, wait_for
 from drivers.sim.client import SimClient
 from drivers.sim.sam import SamReaderThread, synthetic_card, synthetic_id_number
 from drivers.sim.scanner import SimScanner
@@ -53,15 +53,6 @@ CLOUD_TICKET = {"id": "c-501", "code": "CLOUD-2026-000501"}
 # demo's 100 Hz poll each beam state lasts 2.5 polls, enough to be seen on a loaded machine.
 GROUP_PER_LANE = 100
 CROWD_STEP_S = 0.025
-# Short intervals so that the cloud sees status, and the gate a restarted broker, at once.
-CLOUD_OPTIONS = {
-    "status_interval_s": 2,
-    "telemetry_interval_s": 2,
-    "keepalive_s": 3,
-    "connect_timeout_s": 3,
-    "reconnect_min_s": 0.1,
-    "reconnect_max_s": 1,
-}
 
 WHAT = {
     "denied": "REFUSED",
@@ -689,14 +680,6 @@ def secret(path: Path) -> bytes:
     return value
 
 
-def cloud_toml(broker: LocalBroker, cloud_public: str) -> str:
-    """The daemon's ``[cloud]`` section: the local broker, and the demo cloud's key as anchor."""
-    lines = ["[cloud]", f"host = {json.dumps(broker.host)}", f"port = {broker.port}"]
-    lines += [f"{key} = {value}" for key, value in CLOUD_OPTIONS.items()]
-    lines += ["", "[[cloud.trust_anchors]]", f'public_key = "{cloud_public}"', ""]
-    return "\n".join(lines)
-
-
 def prepare(
     workdir: Path, scanner: SimScanner, sam: SamReaderThread, broker: LocalBroker, cloud_seed: bytes
 ) -> Path:
@@ -712,7 +695,7 @@ def prepare(
     extra = (
         f"[admission]\nholder_key_file = {json.dumps(str(site_key))}\n\n"
         f'[[trusted_keys]]\nissuer = "{ISSUER}"\npublic_key = "{public}"\n\n'
-        + cloud_toml(broker, cloud_public)
+        + cloud_toml(broker.host, broker.port, cloud_public)
     )
     readers: dict[str, dict[str, Any]] = {
         "L1": {"type": "qr-serial", "port": scanner.path, "debounce_s": 0.5},

@@ -175,28 +175,23 @@ def _import_requests(path: str, chunk: int = 1000) -> tuple[list[dict[str, Any]]
     batch: list[dict[str, Any]] = []
     lines: list[int] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(f"line {n}: not JSON ({exc.msg})")
-                continue
-            if not isinstance(record, dict):
-                errors.append(f"line {n}: not a JSON object")
-                continue
-            length = len(json.dumps(record).encode()) + 12
-            if length > IMPORT_CHUNK_BYTES:
-                errors.append(f"line {n}: record longer than {IMPORT_CHUNK_BYTES} bytes")
-                continue
-            if batch and (len(batch) >= chunk or size + length > IMPORT_CHUNK_BYTES):
-                requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
-                batch, lines, size = [], [], 0
-            batch.append(record)
-            lines.append(n)
-            size += length
+    # Imported here: the other commands start without loading the cache's modules.
+    from offline_cache.records import read_json_lines
+
+    for n, record, why in read_json_lines(path):
+        if record is None:
+            errors.append(f"line {n}: {why}")
+            continue
+        length = len(json.dumps(record).encode()) + 12
+        if length > IMPORT_CHUNK_BYTES:
+            errors.append(f"line {n}: record longer than {IMPORT_CHUNK_BYTES} bytes")
+            continue
+        if batch and (len(batch) >= chunk or size + length > IMPORT_CHUNK_BYTES):
+            requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
+            batch, lines, size = [], [], 0
+        batch.append(record)
+        lines.append(n)
+        size += length
     if batch:
         requests.append({"cmd": "cache_import", "records": batch, "lines": lines})
     return requests, errors

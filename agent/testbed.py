@@ -36,6 +36,27 @@ def _toml(value: object) -> str:
     return str(value)
 
 
+QUICK_CLOUD: dict[str, Any] = {
+    "status_interval_s": 2,
+    "telemetry_interval_s": 2,
+    "keepalive_s": 3,
+    "connect_timeout_s": 3,
+    "reconnect_min_s": 0.1,
+    "reconnect_max_s": 1,
+}
+"""Cloud settings for a gate on this machine: status at once, a dead broker noticed in
+seconds, a restarted one reconnected at once."""
+
+
+def cloud_toml(host: str, port: int, trust_anchor: str, **options: Any) -> str:
+    """A ``[cloud]`` section (QUICK_CLOUD, then ``options``) trusting one cloud key (hex)."""
+    lines = ["[cloud]", f"host = {_toml(host)}", f"port = {port}"]
+    for key, value in {**QUICK_CLOUD, **options}.items():
+        lines.append(f"{key} = {_toml(str(value) if isinstance(value, Path) else value)}")
+    lines += ["", "[[cloud.trust_anchors]]", f"public_key = {_toml(trust_anchor)}", ""]
+    return "\n".join(lines)
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.01
 ) -> Any:

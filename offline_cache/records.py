@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -250,3 +251,22 @@ def delete_key(kind: SyncKind, rec: object, *, key: bytes | None) -> tuple[str, 
     if isinstance(rec, str):
         rec = {"id": rec}
     return (_text(_mapping(rec), "id"),)
+
+
+def read_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record, "") for each record of a JSON-lines file (the ``gatectl cache
+    import`` format), or (line number, None, why) for a line that is not a JSON object.
+    Blank lines and ``#`` comments are skipped, as ``Cache.import_records`` skips them."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield n, None, f"not JSON ({exc.msg})"
+                continue
+            if isinstance(record, dict):
+                yield n, record, ""
+            else:
+                yield n, None, "not a JSON object"

@@ -17,6 +17,7 @@ from agent.cloud.mqtt import LinkSettings
 from agent.cloud.reference import ReferenceCloud
 from agent.localbroker import LocalBroker
 from agent.testbed import Testbed, wait_for
+from agent.testbed import cloud_toml as testbed_cloud_toml
 from offline_cache import Cache
 
 CLOUD_SEED = bytes(range(100, 132))
@@ -34,26 +35,8 @@ def unique_site() -> str:
 
 
 def cloud_toml(host: str, port: int, *, seed: bytes = CLOUD_SEED, **options: Any) -> str:
-    """A ``[cloud]`` section for the daemon's config."""
-    lines = ["[cloud]", f'host = "{host}"', f"port = {port}"]
-    defaults: dict[str, Any] = {
-        "status_interval_s": 2,
-        "telemetry_interval_s": 2,
-        "keepalive_s": 3,
-        "connect_timeout_s": 3,
-        "reconnect_min_s": 0.1,
-        "reconnect_max_s": 1,
-    }
-    for key, value in {**defaults, **options}.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str | Path):
-            text = f'"{value}"'
-        else:
-            text = str(value)
-        lines.append(f"{key} = {text}")
-    lines += ["", "[[cloud.trust_anchors]]", f'public_key = "{public_hex(seed)}"', ""]
-    return "\n".join(lines)
+    """A ``[cloud]`` section for the daemon's config, trusting ``seed``'s key."""
+    return testbed_cloud_toml(host, port, public_hex(seed), **options)
 
 
 def reference_cloud(broker: LocalBroker, site: str) -> ReferenceCloud:

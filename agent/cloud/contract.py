@@ -27,6 +27,14 @@ def up_topic(site: str, gate: str, kind: str) -> str:
     return f"{PREFIX}/{site}/{gate}/{kind}"
 
 
+def parse_up_topic(topic: str) -> tuple[str, str] | None:
+    """(gate, kind) of an uplink topic ``gate/v1/{site}/{gate}/{kind}``, or None."""
+    parts = topic.split("/")
+    if len(parts) < 5:
+        return None
+    return parts[3], "/".join(parts[4:])
+
+
 def down_topics(site: str, gate: str) -> dict[str, str]:
     """Every downlink topic a gate subscribes to, by kind."""
     topics = {kind: f"{PREFIX}/{site}/{kind}" for kind in SITE_DOWN_KINDS}

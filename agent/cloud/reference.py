@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.cloud.contract import down_topics
+from agent.cloud.contract import down_topics, parse_up_topic
 from agent.cloud.mqtt import Incoming, LinkListener, LinkSettings, MqttLink
 from agent.cloud.signing import sign_message
 from offline_cache.outbox import GENESIS, canonical_json, chain_hash, event_canonical
@@ -111,10 +111,10 @@ class ReferenceCloud(LinkListener):
         self._ready.set()
 
     def message(self, conn: int, msg: Incoming) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) < 5:
+        where = parse_up_topic(msg.topic)
+        if where is None:
             return
-        gate, kind = parts[3], "/".join(parts[4:])
+        gate, kind = where
         try:
             body = json.loads(msg.payload)
         except ValueError:
