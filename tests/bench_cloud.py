@@ -773,7 +773,7 @@ def bench_snapshot(
         )
         if failure is not None:
             info(f"{name}: NOT APPLIED after {t1 - t0:.1f} s: {failure}")
-            emit(f"{name}_dropped", status["downlink_rejected"].get("overload", 0), "messages")
+            emit(f"{name}_refused", sum(status["downlink_rejected"].values()), "messages")
             return
         assert tb.status()["cache"]["tickets"] == cached
         # Where in the apply the slow lookups fall (tenths of the apply time): the streaming

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -180,10 +179,3 @@ def _first_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "message"
     return f"{where}: {err['msg']}"[:200]
 
-
-def loads_object(raw: bytes) -> dict[str, Any]:
-    """A JSON object from bytes, for the reference cloud's own use."""
-    obj = json.loads(raw)
-    if not isinstance(obj, dict):
-        raise ValueError("expected a JSON object")
-    return obj
